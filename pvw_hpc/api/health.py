@@ -1,0 +1,21 @@
+"""``GET /health`` for monitors and load balancers."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from flask import Blueprint
+from flask.typing import ResponseReturnValue
+
+from .. import __version__
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/health")
+def health() -> ResponseReturnValue:
+    from . import current_service
+
+    service = current_service()
+    counts = Counter(s.state.value for s in service.store.active())
+    return {"status": "ok", "version": __version__, "active_sessions": dict(counts)}

@@ -1,0 +1,269 @@
+"""The ``pvw-hpc`` command. Each command translates argv into client calls and prints.
+
+Exit codes (also in the README):
+  0 success; 1 config problems or an error answer; 2 usage error;
+  3 the session failed or was not ready in time; 4 no such session;
+  5 the launcher at --url could not be reached.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import click
+import requests
+
+from .client import HttpClient, LauncherClient, LocalClient
+from .config import CONFIG_ENV, ConfigError, check_file, config_path, load_file
+from .service import Service
+
+EXIT_ERROR, EXIT_FAILED, EXIT_NOT_FOUND, EXIT_UNREACHABLE = 1, 3, 4, 5
+
+config_option = click.option(
+    "--config", "config_file", envvar=CONFIG_ENV, type=click.Path(dir_okay=False),
+    help=f"Launcher JSON config (default: ${CONFIG_ENV}).",
+)
+url_option = click.option(
+    "--url", default=None, metavar="URL",
+    help="Endpoint of a running launcher, e.g. http://127.0.0.1:8080/paraview; without it, work in-process.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+def _load(config_file: str | None) -> Any:
+    try:
+        return load_file(config_path(config_file))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(str(problem), err=True)
+        sys.exit(EXIT_ERROR)
+
+
+class _Connection:
+    """A client plus the in-process service to close, if any."""
+
+    def __init__(self, config_file: str | None, url: str | None, *, threads: bool = False):
+        self.service: Service | None = None
+        if url:
+            self.client: LauncherClient = HttpClient(url)
+        else:
+            self.service = Service(_load(config_file))
+            if threads:  # a launch needs the monitor and map writer, not a recovery pass
+                self.service.config.log_dir.mkdir(parents=True, exist_ok=True)
+                self.service.map.start()
+                self.service.local.start_monitor()
+            self.client = LocalClient(self.service)
+
+    def __enter__(self) -> LauncherClient:
+        return self.client
+
+    def __exit__(self, *exc: object) -> None:
+        if self.service is not None:
+            self.service.close()
+
+
+def _call(fn: Any, *args: Any) -> tuple[int, dict[str, Any]]:
+    try:
+        return fn(*args)
+    except requests.RequestException as exc:
+        click.echo(f"error: cannot reach the launcher: {exc}", err=True)
+        sys.exit(EXIT_UNREACHABLE)
+
+
+def _fail(status: int, body: dict[str, Any]) -> None:
+    click.echo(f"error ({status}): {body.get('error', body)}", err=True)
+    sys.exit(EXIT_NOT_FOUND if status == 404 else EXIT_ERROR)
+
+
+@click.group()
+@click.version_option(package_name="pvw-hpc")
+def main() -> None:
+    """pvw-hpc: a restart-safe ParaViewWeb/wslink launcher."""
+
+
+@main.command()
+@config_option
+def serve(config_file: str | None) -> None:
+    """Run the launcher's REST API (production WSGI server) and its monitor."""
+    from .serve import serve as run
+
+    run(_load(config_file))
+
+
+@main.command()
+@config_option
+def check(config_file: str | None) -> None:
+    """Print every problem in a config with its JSON path; exit 1 if there is an error."""
+    try:
+        path = config_path(config_file)
+    except ConfigError as exc:
+        click.echo(str(exc.problems[0]), err=True)
+        sys.exit(EXIT_ERROR)
+    config, problems = check_file(path)
+    for problem in problems:
+        click.echo(str(problem))
+    if config is None:
+        click.echo(f"{path}: {sum(not p.warning for p in problems)} error(s)")
+        sys.exit(EXIT_ERROR)
+    click.echo(f"{path}: ok ({len(config.apps)} app(s), {len(config.resources)} resource(s))")
+
+
+@main.command("flush-map")
+@config_option
+def flush_map(config_file: str | None) -> None:
+    """Rebuild the map file from the database."""
+    service = Service(_load(config_file))
+    try:
+        count = service.flush_map()
+    finally:
+        service.close()
+    click.echo(f"{service.config.proxy_file}: {count} route(s)")
+
+
+@main.command("list")
+@config_option
+@url_option
+@json_option
+def list_cmd(config_file: str | None, url: str | None, as_json: bool) -> None:
+    """List sessions."""
+    with _Connection(config_file, url) as client:
+        status, body = _call(client.list)
+    if status != 200:
+        _fail(status, body)
+    sessions = body["sessions"]
+    if as_json:
+        click.echo(json.dumps(sessions, indent=2))
+        return
+    click.echo(f"{'ID':36}  {'APPLICATION':16} {'STATE':9} {'HOST:PORT':24} SINCE")
+    for s in sessions:
+        since = s["transitions"].get(s["state"], "")
+        where = f"{s['host']}:{s['port']}" if s.get("host") else "-"
+        click.echo(f"{s['id']:36}  {s['application']:16} {s['state']:9} {where:24} {since}")
+
+
+@main.command()
+@click.argument("session_id")
+@config_option
+@url_option
+@json_option
+def status(session_id: str, config_file: str | None, url: str | None, as_json: bool) -> None:
+    """Show one session."""
+    with _Connection(config_file, url) as client:
+        code, body = _call(client.get, session_id)
+    if code != 200:
+        _fail(code, body)
+    _print_session(body, as_json)
+
+
+@main.command()
+@click.argument("session_id")
+@config_option
+@url_option
+@json_option
+def cancel(session_id: str, config_file: str | None, url: str | None, as_json: bool) -> None:
+    """Stop a session (as DELETE does)."""
+    with _Connection(config_file, url) as client:
+        code, body = _call(client.stop, session_id)
+    if code != 200:
+        _fail(code, body)
+    _print_session(body, as_json)
+
+
+@main.command()
+@click.argument("application")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Add a request key (repeatable).")
+@click.option("--timeout", type=float, default=None, help="Seconds to wait for ready (default: the app's timeout + 5).")
+@click.option("--keep", is_flag=True, help="Leave the session running when this command exits.")
+@config_option
+@url_option
+@json_option
+def submit(application: str, sets: tuple[str, ...], timeout: float | None, keep: bool,
+           config_file: str | None, url: str | None, as_json: bool) -> None:
+    """Start one session, show its states as they are reached, print its URL.
+
+    Without --keep the command then waits (Ctrl-C to end) and stops the session on exit.
+    """
+    payload: dict[str, Any] = {"application": application, "wait": False}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
+        payload[key] = value
+    with _Connection(config_file, url, threads=True) as client:
+        start = time.monotonic()
+        code, body = _call(client.launch, payload)
+        if code not in (200, 202):
+            _fail(code, body)
+            return
+        session_id, secret = body["id"], body.get("secret")
+        limit = timeout if timeout is not None else _default_wait(client, body)
+        body = _follow(client, session_id, start, limit, quiet=as_json)
+        ready = body.get("state") == "ready"
+        if secret and ready:
+            body["secret"] = secret
+        if as_json:
+            click.echo(json.dumps(body, indent=2))
+        elif ready:
+            click.echo(f"sessionURL: {body['sessionURL']}")
+            if secret:
+                click.echo(f"secret: {secret}")
+        if not ready:
+            if body.get("state") not in ("ended", "failed"):
+                client.stop(session_id)
+            click.echo(f"error: session {session_id} is {body.get('state')}: {body.get('error', '')}", err=True)
+            sys.exit(EXIT_FAILED)
+        if keep:
+            return
+        try:
+            if not as_json:
+                click.echo("running; Ctrl-C stops the session (use --keep to leave it running)")
+            while _call(client.get, session_id)[1].get("state") == "ready":
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            client.stop(session_id)
+
+
+def _default_wait(client: LauncherClient, body: dict[str, Any]) -> float:
+    if isinstance(client, LocalClient):
+        app = client.service.config.apps[body["application"]]
+        return client.service.config.app_timeout_s(app) + 5
+    return 600.0
+
+
+def _follow(client: LauncherClient, session_id: str, start: float, limit: float, quiet: bool) -> dict[str, Any]:
+    """Poll until ready or final, printing each state once with its elapsed time."""
+    seen: set[str] = set()
+    body: dict[str, Any] = {}
+    while time.monotonic() - start < limit:
+        code, body = _call(client.get, session_id)
+        if code != 200:
+            _fail(code, body)
+        for state in body.get("transitions", {}):
+            if state not in seen:
+                seen.add(state)
+                if not quiet:
+                    click.echo(f"{time.monotonic() - start:7.3f}s  {state}")
+        if body.get("state") in ("ready", "ended", "failed"):
+            return body
+        time.sleep(0.02)
+    return body
+
+
+def _print_session(body: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(body, indent=2))
+        return
+    for key in ("id", "application", "state", "host", "port", "sessionURL", "error", "reason", "exit_code"):
+        if body.get(key) is not None:
+            click.echo(f"{key}: {body[key]}")
+    for state, when in body.get("transitions", {}).items():
+        click.echo(f"  {state:10} {when}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""The local backend: each session is a child process of the launcher's machine.
+
+One monitor thread watches every live local session: it scans the logs of
+starting sessions for the ready line every 10 ms (stock polls once a second),
+notices exits, and enforces the start timeout. Output goes straight to
+``<log_dir>/<id>.txt`` (not through a pipe), so the apps keep running when the
+launcher is killed, and a restarted launcher re-attaches to them by pid and
+process start time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from . import procs
+from .states import SessionState
+from .store import SessionRecord, Store
+
+log = logging.getLogger(__name__)
+
+SESSION_ENV = "PVW_HPC_SESSION_ID"
+FAST_TICK_S = 0.01  # while anything is starting
+SLOW_TICK_S = 0.1  # only ready sessions: an exit is noticed well within 1 s
+LOG_TAIL_BYTES = 4096
+
+OnChange = Callable[[str, SessionState], None]
+
+
+def log_tail(path: str | None, lines: int = 10) -> str:
+    """The last lines of a session log, for error messages."""
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - LOG_TAIL_BYTES))
+            data = fh.read()
+    except OSError:
+        return ""
+    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+
+
+@dataclasses.dataclass
+class _Watch:
+    """What the monitor knows about one live session."""
+
+    session_id: str
+    pid: int
+    pid_start: int | None
+    log_path: str
+    ready_line: bytes | None
+    host: str
+    port: int
+    deadline: float  # monotonic; only while starting
+    state: SessionState
+    popen: subprocess.Popen[bytes] | None = None
+    offset: int = 0
+    tail: bytes = b""
+
+
+class LocalBackend:
+    """Spawns, watches and stops local session processes."""
+
+    name = "local"
+
+    def __init__(self, store: Store, on_change: OnChange):
+        self.store = store
+        self.on_change = on_change
+        self._watches: dict[str, _Watch] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- life cycle of the monitor -------------------------------------------------------
+
+    def start_monitor(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="pvw-local-monitor", daemon=True)
+            self._thread.start()
+
+    def stop_monitor(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def spawn(
+        self,
+        record: SessionRecord,
+        *,
+        argv: list[str],
+        env: Mapping[str, str],
+        cwd: str | None,
+        ready_line: str | None,
+        timeout_s: float,
+    ) -> None:
+        """Start the app; the row is STARTING with its pid before this returns.
+
+        Raises ``OSError`` when the program cannot be started; the caller fails the session.
+        """
+        assert record.log_path and record.host and record.port
+        Path(record.log_path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(record.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            popen = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT,
+                cwd=cwd, env={**os.environ, **env, SESSION_ENV: record.id},
+                start_new_session=True,  # own process group: stops as a whole, survives our restart
+            )
+        finally:
+            os.close(fd)
+        pid_start = procs.start_time(popen.pid)
+        moved = self.store.transition(record.id, SessionState.STARTING, pid=popen.pid, pid_start=pid_start)
+        watch = _Watch(
+            session_id=record.id, pid=popen.pid, pid_start=pid_start, log_path=record.log_path,
+            ready_line=ready_line.encode() if ready_line else None, host=record.host, port=record.port,
+            deadline=time.monotonic() + timeout_s, state=SessionState.STARTING, popen=popen,
+        )
+        if not moved:  # cancelled while we were starting it
+            procs.terminate_group(popen.pid, pid_start)
+            popen.wait()
+            return
+        with self._lock:
+            self._watches[record.id] = watch
+        self._wake.set()
+        self.on_change(record.id, SessionState.STARTING)
+
+    def stop(self, record: SessionRecord) -> None:
+        """Stop the process of a session already moved to a final state."""
+        with self._lock:
+            watch = self._watches.pop(record.id, None)
+        if record.pid is not None:
+            procs.terminate_group(record.pid, record.pid_start)
+        if watch is not None and watch.popen is not None:
+            watch.popen.wait(timeout=10)
+
+    def adopt(self, record: SessionRecord, ready_line: str | None, timeout_s: float) -> bool:
+        """Re-attach to a session's process after a launcher restart; False if it is gone."""
+        if record.pid is None or not procs.is_alive(record.pid, record.pid_start):
+            return False
+        started = record.starting_at.timestamp() if record.starting_at else time.time()
+        remaining = timeout_s - (time.time() - started)
+        watch = _Watch(
+            session_id=record.id, pid=record.pid, pid_start=record.pid_start, log_path=record.log_path or "",
+            ready_line=ready_line.encode() if ready_line else None, host=record.host or "",
+            port=record.port or 0, deadline=time.monotonic() + remaining, state=record.state,
+        )
+        with self._lock:
+            self._watches[record.id] = watch
+        self._wake.set()
+        return True
+
+    def watched(self) -> set[str]:
+        with self._lock:
+            return set(self._watches)
+
+    # -- monitor ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                watches = list(self._watches.values())
+            for watch in watches:
+                try:
+                    self._check(watch)
+                except Exception:  # one odd session must not stop the monitor
+                    log.exception("monitor: checking session %s", watch.session_id)
+            starting = any(w.state == SessionState.STARTING for w in watches)
+            self._wake.wait(FAST_TICK_S if starting else SLOW_TICK_S)
+            self._wake.clear()
+
+    def _check(self, watch: _Watch) -> None:
+        if watch.state == SessionState.STARTING and self._is_ready(watch):
+            if self.store.transition(watch.session_id, SessionState.READY):
+                watch.state = SessionState.READY
+                self.on_change(watch.session_id, SessionState.READY)
+            return
+        exit_code = self._exit_code(watch)
+        if exit_code is not False:
+            self._finish_exited(watch, exit_code)
+        elif watch.state == SessionState.STARTING and time.monotonic() > watch.deadline:
+            self._fail(watch, f"not ready before the timeout; see the session log {watch.log_path}")
+            procs.terminate_group(watch.pid, watch.pid_start)
+            if watch.popen is not None:
+                watch.popen.wait(timeout=10)
+
+    def _exit_code(self, watch: _Watch) -> int | None | bool:
+        """The exit code (None when unknown) if the process is gone, else False."""
+        if watch.popen is not None:
+            code = watch.popen.poll()
+            return False if code is None else code
+        return False if procs.is_alive(watch.pid, watch.pid_start) else None
+
+    def _finish_exited(self, watch: _Watch, exit_code: int | None) -> None:
+        with self._lock:
+            self._watches.pop(watch.session_id, None)
+        if watch.state == SessionState.STARTING:
+            # it may have printed the ready line just before exiting: it still never served
+            tail = log_tail(watch.log_path)
+            code = "an unknown code" if exit_code is None else f"code {exit_code}"
+            error = f"the process exited with {code} before it was ready; session log {watch.log_path}"
+            if tail:
+                error += f"; last lines:\n{tail}"
+            if self.store.transition(watch.session_id, SessionState.FAILED, exit_code=exit_code, error=error):
+                self.on_change(watch.session_id, SessionState.FAILED)
+        else:
+            if self.store.transition(watch.session_id, SessionState.ENDED, exit_code=exit_code):
+                self.on_change(watch.session_id, SessionState.ENDED)
+
+    def _fail(self, watch: _Watch, error: str) -> None:
+        with self._lock:
+            self._watches.pop(watch.session_id, None)
+        if self.store.transition(watch.session_id, SessionState.FAILED, error=error):
+            self.on_change(watch.session_id, SessionState.FAILED)
+
+    def _is_ready(self, watch: _Watch) -> bool:
+        if watch.ready_line is None:
+            return _port_answers(watch.host, watch.port)
+        try:
+            fd = os.open(watch.log_path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            while True:
+                chunk = os.pread(fd, 1 << 20, watch.offset)
+                if not chunk:
+                    return False
+                watch.offset += len(chunk)
+                window = watch.tail + chunk
+                if watch.ready_line in window:
+                    return True
+                watch.tail = window[-(len(watch.ready_line) - 1):] if len(watch.ready_line) > 1 else b""
+        finally:
+            os.close(fd)
+
+
+def _port_answers(host: str, port: int) -> bool:
+    """Readiness for apps without a ready line: the port accepts a TCP connection."""
+    try:
+        with socket.create_connection(("127.0.0.1" if host in ("0.0.0.0", "localhost") else host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def find_unrecorded(session_id: str) -> list[int]:
+    """Pids whose environment carries ``session_id``: processes a crash kept us from recording."""
+    needle = f"{SESSION_ENV}={session_id}".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as fh:
+                if needle in fh.read().split(b"\0"):
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found

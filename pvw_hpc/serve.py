@@ -1,0 +1,61 @@
+"""``pvw-hpc serve``: the service's threads plus the Flask app under waitress.
+
+waitress is a production WSGI server (multi-threaded, pure Python): one process
+keeps the local backend's children and the monitor in one place, and blocking
+POSTs (a launch waits for its app) each hold one of ``threads`` threads.
+
+Stopping the server (SIGTERM, Ctrl-C) leaves the sessions running: the next
+start re-attaches to them. Stop sessions with DELETE or ``pvw-hpc cancel``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from types import FrameType
+
+import waitress
+
+from .api import create_app
+from .config import LauncherConfig
+from .service import Service
+
+log = logging.getLogger("pvw_hpc")
+
+
+def setup_logging(config: LauncherConfig) -> None:
+    config.log_dir.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(config.log_dir / "launcher.log")):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "task queue depth" is noise here
+
+
+def serve(config: LauncherConfig) -> None:
+    """Run until SIGTERM/SIGINT; prints the listening URL on stdout once it is bound."""
+    setup_logging(config)
+    service = Service(config)
+    service.start()
+    app = create_app(service=service)
+    server = waitress.create_server(app, host=config.host, port=config.port, threads=config.threads,
+                                    ident="pvw-hpc", channel_timeout=300)
+    listen = getattr(server, "effective_listen", None) or [(server.effective_host, server.effective_port)]
+    host, port = listen[0][:2]
+    print(f"pvw-hpc: serving http://{host}:{port}/{config.endpoint}/", flush=True)
+    log.info("serving on %s, config %s, database %s", listen, config.source, config.database_url)
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: stopping the server; sessions keep running", signum)
+        server.close()
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        server.run()
+    finally:
+        service.close()

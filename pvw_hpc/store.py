@@ -1,0 +1,258 @@
+"""Durable session records: SQLAlchemy 2 over SQLite by default, any SQLAlchemy URL accepted.
+
+The database is the source of truth; the map file and the in-memory process
+table are derived from it. Every state change is one conditional UPDATE that
+is committed before anything acts on it (``transition``), so two writers -- a
+POST thread and the monitor, or two launcher processes -- cannot both win, and a
+crash at any moment leaves a record that a restart can act on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.types import TypeDecorator
+
+from .states import ACTIVE_STATES, FINAL_STATES, SessionState, sources_of
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Store UTC, return timezone-aware values whatever the backend keeps."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is not None:
+            value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        return value.replace(tzinfo=dt.timezone.utc) if value is not None else None
+
+
+metadata = MetaData()
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("application", String(128), nullable=False),
+    Column("backend", String(64), nullable=False, default="local"),
+    Column("state", String(16), nullable=False, index=True),
+    Column("host", String(255)),
+    Column("port", Integer),
+    # true while the session owns host:port; the partial unique index makes two
+    # launchers (or threads) unable to hand out the same port twice
+    Column("holds_port", Boolean, nullable=False, default=False),
+    Column("secret", String(128), nullable=False),
+    Column("argv", JSON, nullable=False),
+    Column("session_url", Text, nullable=False),
+    Column("public", JSON, nullable=False),  # the configured `fields` and sessionManagerURL
+    Column("return_secret", Boolean, nullable=False, default=False),
+    Column("log_path", Text),
+    Column("pid", Integer),
+    Column("pid_start", BigInteger),  # process start time, so a reused pid is not mistaken
+    Column("job_id", String(128)),
+    Column("exit_code", Integer),
+    Column("error", Text),  # why it failed
+    Column("end_reason", Text),  # why it ended (DELETE, exit, ...)
+    *(Column(f"{s.value}_at", UTCDateTime) for s in SessionState),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+Index(
+    "uq_sessions_held_port", sessions.c.host, sessions.c.port, unique=True,
+    sqlite_where=sessions.c.holds_port.is_(True), postgresql_where=sessions.c.holds_port.is_(True),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionRecord:
+    """A snapshot of one row; plain data, safe to pass between threads."""
+
+    id: str
+    application: str
+    backend: str
+    state: SessionState
+    host: str | None
+    port: int | None
+    holds_port: bool
+    secret: str
+    argv: list[str]
+    session_url: str
+    public: dict[str, Any]
+    return_secret: bool
+    log_path: str | None
+    pid: int | None
+    pid_start: int | None
+    job_id: str | None
+    exit_code: int | None
+    error: str | None
+    end_reason: str | None
+    submitted_at: dt.datetime | None
+    queued_at: dt.datetime | None
+    starting_at: dt.datetime | None
+    ready_at: dt.datetime | None
+    ended_at: dt.datetime | None
+    failed_at: dt.datetime | None
+    updated_at: dt.datetime
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def transitions(self) -> dict[str, str]:
+        """State -> ISO time at which it was reached, in life-cycle order."""
+        out = {}
+        for state in SessionState:
+            when = getattr(self, f"{state.value}_at")
+            if when is not None:
+                out[state.value] = when.isoformat()
+        return out
+
+
+class PortTaken(Exception):
+    """Another active session already holds this host:port."""
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine; for SQLite: WAL, a busy timeout, and use from many threads."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+        cur.execute("PRAGMA busy_timeout=30000")  # wait for other processes' writes
+        cur.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
+        cur.close()
+
+    return engine
+
+
+_COLUMNS = [c.name for c in sessions.columns]
+
+
+def _record(row: Any) -> SessionRecord:
+    data = dict(row._mapping)
+    data["state"] = SessionState(data["state"])
+    return SessionRecord(**{name: data[name] for name in _COLUMNS})
+
+
+class Store:
+    """All reads and writes of session rows."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = make_engine(url)
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def create(self, **values: Any) -> SessionRecord:
+        """Insert a new ``submitted`` row; raises :class:`PortTaken` when host:port is held."""
+        now = utcnow()
+        values = {**values, "state": SessionState.SUBMITTED.value, "submitted_at": now, "updated_at": now}
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(sessions).values(**values))
+        except IntegrityError as exc:
+            if values.get("holds_port"):
+                raise PortTaken(f"{values.get('host')}:{values.get('port')}") from exc
+            raise
+        record = self.get(values["id"])
+        assert record is not None
+        return record
+
+    def get(self, session_id: str) -> SessionRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(sessions).where(sessions.c.id == session_id)).first()
+        return _record(row) if row is not None else None
+
+    def list(self, states: Iterable[SessionState] | None = None, backend: str | None = None) -> list[SessionRecord]:
+        query = select(sessions).order_by(sessions.c.submitted_at, sessions.c.id)
+        if states is not None:
+            query = query.where(sessions.c.state.in_([s.value for s in states]))
+        if backend is not None:
+            query = query.where(sessions.c.backend == backend)
+        with self.engine.connect() as conn:
+            return [_record(row) for row in conn.execute(query)]
+
+    def active(self, backend: str | None = None) -> list[SessionRecord]:
+        return self.list(ACTIVE_STATES, backend=backend)
+
+    def held_ports(self, host: str) -> set[int]:
+        query = select(sessions.c.port).where(sessions.c.host == host, sessions.c.holds_port.is_(True))
+        with self.engine.connect() as conn:
+            return {row[0] for row in conn.execute(query)}
+
+    def ready_routes(self) -> list[tuple[str, str, int]]:
+        """(id, host, port) of every READY session, oldest first: the map file's content."""
+        query = (
+            select(sessions.c.id, sessions.c.host, sessions.c.port)
+            .where(sessions.c.state == SessionState.READY.value)
+            .order_by(sessions.c.ready_at, sessions.c.id)
+        )
+        with self.engine.connect() as conn:
+            return [(r[0], r[1], r[2]) for r in conn.execute(query)]
+
+    def transition(self, session_id: str, to: SessionState, **fields: Any) -> bool:
+        """Move a session to ``to`` if its current state allows it; False if another writer won.
+
+        The check and the write are one UPDATE ... WHERE state IN (...), so it is
+        atomic across threads and processes. Reaching a final state releases the port.
+        """
+        sources: Sequence[SessionState] = sorted(sources_of(to))
+        now = utcnow()
+        values = {**fields, "state": to.value, f"{to.value}_at": now, "updated_at": now}
+        if to in FINAL_STATES:
+            values["holds_port"] = False
+        stmt = (
+            update(sessions)
+            .where(sessions.c.id == session_id, sessions.c.state.in_([s.value for s in sources]))
+            .values(**values)
+        )
+        with self.engine.begin() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def update(self, session_id: str, **fields: Any) -> None:
+        """Change non-state fields (pid, log path...)."""
+        if "state" in fields:
+            raise ValueError("use transition() to change state")
+        stmt = update(sessions).where(sessions.c.id == session_id).values(**fields, updated_at=utcnow())
+        with self.engine.begin() as conn:
+            conn.execute(stmt)

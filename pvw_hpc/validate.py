@@ -1,0 +1,53 @@
+"""Validators for values that end up in the map file, a command line or a path.
+
+Everything that reaches Apache's ``RewriteMap`` file or a child's argv passes
+through one of these, so the rules live in one place and tests can aim an
+injection corpus at them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+# uuid4 text form: lowercase, survives trame's lower-casing of sessionURL
+SESSION_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME_RE = re.compile(rf"^{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?$")
+
+# Default rule for client values that reach a command and have no sanitize rule:
+# path- and number-like text, no whitespace, no shell or map-file metacharacters,
+# and no leading '-' so a value cannot turn into an option of the app.
+SAFE_CLIENT_VALUE_RE = re.compile(r"^(?:[A-Za-z0-9_.,:@+=/][A-Za-z0-9_.,:@+=/-]{0,1023})?$", re.ASCII)
+
+APP_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$", re.ASCII)
+ENDPOINT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$", re.ASCII)
+
+
+def is_session_id(value: object) -> bool:
+    """True for ids this launcher issues (lower-case uuid4)."""
+    return isinstance(value, str) and SESSION_ID_RE.match(value) is not None
+
+
+def is_valid_host(value: object) -> bool:
+    """True for a DNS name or an IPv4/IPv6 literal: nothing that could break a map line."""
+    if not isinstance(value, str) or not value or len(value) > 253:
+        return False
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return _HOSTNAME_RE.match(value) is not None
+
+
+def is_valid_port(value: object) -> bool:
+    """True for an int TCP port 1..65535 (bools excluded)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as Apache's ``ws://`` URL expects it (IPv6 in brackets)."""
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
