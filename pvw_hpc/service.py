@@ -156,6 +156,7 @@ class Service:
         record = self._get(session_id)
         if not record.is_final:
             self._finish(session_id, SessionState.ENDED, end_reason=reason)
+            self.map.sync()  # the route is gone before we answer, even if the process is slow to stop
             self.local.stop(self._get(session_id))
         return session_view(self._get(session_id))
 
