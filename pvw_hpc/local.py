@@ -139,14 +139,18 @@ class LocalBackend:
         self._wake.set()
         self.on_change(record.id, SessionState.STARTING)
 
-    def stop(self, record: SessionRecord) -> None:
-        """Stop the process of a session already moved to a final state."""
+    def stop(self, record: SessionRecord) -> int | None:
+        """Stop the process of a session already moved to a final state.
+
+        Returns its exit code when it was our child (an adopted process's code is unknowable).
+        """
         with self._lock:
             watch = self._watches.pop(record.id, None)
         if record.pid is not None:
             procs.terminate_group(record.pid, record.pid_start)
         if watch is not None and watch.popen is not None:
-            watch.popen.wait(timeout=10)
+            return watch.popen.wait(timeout=10)
+        return None
 
     def adopt(self, record: SessionRecord, ready_line: str | None, timeout_s: float) -> bool:
         """Re-attach to a session's process after a launcher restart; False if it is gone."""
@@ -194,9 +198,8 @@ class LocalBackend:
             self._finish_exited(watch, exit_code)
         elif watch.state == SessionState.STARTING and time.monotonic() > watch.deadline:
             self._fail(watch, f"not ready before the timeout; see the session log {watch.log_path}")
-            procs.terminate_group(watch.pid, watch.pid_start)
-            if watch.popen is not None:
-                watch.popen.wait(timeout=10)
+            # stopping may take the whole SIGTERM grace period: not on the monitor's thread
+            threading.Thread(target=self._terminate, args=(watch,), name="pvw-stop", daemon=True).start()
 
     def _exit_code(self, watch: _Watch) -> int | None | bool:
         """The exit code (None when unknown) if the process is gone, else False."""
@@ -220,6 +223,12 @@ class LocalBackend:
         else:
             if self.store.transition(watch.session_id, SessionState.ENDED, exit_code=exit_code):
                 self.on_change(watch.session_id, SessionState.ENDED)
+
+    @staticmethod
+    def _terminate(watch: _Watch) -> None:
+        procs.terminate_group(watch.pid, watch.pid_start)
+        if watch.popen is not None:
+            watch.popen.wait(timeout=10)
 
     def _fail(self, watch: _Watch, error: str) -> None:
         with self._lock:

@@ -157,7 +157,9 @@ class Service:
         if not record.is_final:
             self._finish(session_id, SessionState.ENDED, end_reason=reason)
             self.map.sync()  # the route is gone before we answer, even if the process is slow to stop
-            self.local.stop(self._get(session_id))
+            exit_code = self.local.stop(self._get(session_id))
+            if exit_code is not None:
+                self.store.update(session_id, exit_code=exit_code)
         return session_view(self._get(session_id))
 
     def flush_map(self) -> int:
