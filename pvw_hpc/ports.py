@@ -34,6 +34,8 @@ def port_is_free(host: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     bind_host = "127.0.0.1" if host == "localhost" else host
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # as the apps do (aiohttp sets it): a port in TIME_WAIT after a closed session is free
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((bind_host, port))
         except OSError as exc:

@@ -22,7 +22,7 @@ from typing import Any
 
 from .config import LAUNCHER_KEYS, AppConfig, LauncherConfig
 from .errors import BadRequest
-from .validate import SAFE_CLIENT_VALUE_RE
+from .validate import CONTROL_CHARS_RE, SAFE_CLIENT_VALUE_RE
 
 # keys the JS clients send that are never template variables
 CLIENT_CONTROL_KEYS = frozenset({"application", "wait", "sessionManagerURL"})
@@ -61,7 +61,7 @@ def client_variables(config: LauncherConfig, app: AppConfig, payload: Mapping[st
     except that a key naming a property is always refused: it is an attempt, or
     a mistake, that would change what the admin configured.
     """
-    templates = [*app.cmd, config.session_url, *config.session_data.values()]
+    templates = [*app.cmd, config.session_url, *config.session_data.values(), *app.env.values()]
     used = referenced_names(templates)
     out: dict[str, str] = {}
     for key, value in payload.items():
@@ -72,13 +72,16 @@ def client_variables(config: LauncherConfig, app: AppConfig, payload: Mapping[st
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise BadRequest(f"value of {key!r} must be a string or a number")
         text = str(value)
+        if CONTROL_CHARS_RE.search(text):  # no rule may let a newline split a line of a script
+            raise BadRequest(f"value of {key!r} contains a control character (newline, tab, ...)")
         rule = config.sanitize.get(key)
         if rule is not None:
             if not rule.accepts(text):
                 raise BadRequest(f"value of {key!r} is not allowed by its sanitize rule ({rule.kind})")
         elif not SAFE_CLIENT_VALUE_RE.match(text):
             raise BadRequest(
-                f"value of {key!r} may only hold letters, digits and _.,:@+=/- (not starting with '-'); "
+                f"value of {key!r} may only hold letters, digits and _.,:@+=/- (not starting with '-', "
+                "no '..' path segment); "
                 "add a sanitize rule to allow more"
             )
         out[key] = text

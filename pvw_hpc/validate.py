@@ -18,8 +18,12 @@ _HOSTNAME_RE = re.compile(rf"^{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?$")
 
 # Default rule for client values that reach a command and have no sanitize rule:
 # path- and number-like text, no whitespace, no shell or map-file metacharacters,
-# and no leading '-' so a value cannot turn into an option of the app.
-SAFE_CLIENT_VALUE_RE = re.compile(r"^(?:[A-Za-z0-9_.,:@+=/][A-Za-z0-9_.,:@+=/-]{0,1023})?$", re.ASCII)
+# no leading '-' (a value cannot turn into an option of the app) and no '..'
+# path segment. \Z, not $: '$' would also accept a trailing newline.
+SAFE_CLIENT_VALUE_RE = re.compile(
+    r"^(?!(?:.*/)?\.\.(?:/|\Z))(?:[A-Za-z0-9_.,:@+=/][A-Za-z0-9_.,:@+=/-]{0,1023})?\Z", re.ASCII
+)
+CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 APP_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$", re.ASCII)
 ENDPOINT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$", re.ASCII)
