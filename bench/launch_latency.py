@@ -59,6 +59,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from pvw_hpc.procs import pids_with_env
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO_APP = REPO / "examples" / "demo" / "app.py"
 HOST = "127.0.0.1"
@@ -202,18 +204,7 @@ class Tracker:
 
     def marked_pids(self) -> list[int]:
         """Pids whose environment carries this run's marker (our children and theirs)."""
-        needle = f"{MARKER_ENV}={self.marker}".encode()
-        found = []
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/environ", "rb") as fh:
-                    if needle in fh.read().split(b"\0"):
-                        found.append(int(entry.name))
-            except OSError:
-                continue
-        return found
+        return [pid for pid in pids_with_env(MARKER_ENV, self.marker) if pid != os.getpid()]
 
     def kill_group(self, proc: subprocess.Popen[bytes]) -> None:
         """SIGKILL a group we started and reap its leader (timing runs need no grace)."""

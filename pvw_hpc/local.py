@@ -267,16 +267,5 @@ def _port_answers(host: str, port: int) -> bool:
 
 
 def find_unrecorded(session_id: str) -> list[int]:
-    """Pids whose environment carries ``session_id``: processes a crash kept us from recording."""
-    needle = f"{SESSION_ENV}={session_id}".encode()
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as fh:
-                if needle in fh.read().split(b"\0"):
-                    found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+    """Pids of a session's processes that a crash kept us from recording (found by environment)."""
+    return procs.pids_with_env(SESSION_ENV, session_id)
