@@ -18,6 +18,8 @@ import requests
 
 from .client import HttpClient, LauncherClient, LocalClient
 from .config import CONFIG_ENV, ConfigError, check_file, config_path, load_file
+from .errors import LaunchError
+from .poller import Poller
 from .service import Service
 
 EXIT_ERROR, EXIT_FAILED, EXIT_NOT_FOUND, EXIT_UNREACHABLE = 1, 3, 4, 5
@@ -51,10 +53,13 @@ class _Connection:
             self.client: LauncherClient = HttpClient(url)
         else:
             self.service = Service(_load(config_file))
-            if threads:  # a launch needs the monitor and map writer, not a recovery pass
+            self.poller: Poller | None = None
+            if threads:  # a launch needs the monitor, poller and map writer, not a recovery pass
                 self.service.config.log_dir.mkdir(parents=True, exist_ok=True)
                 self.service.map.start()
                 self.service.local.start_monitor()
+                self.poller = Poller(self.service)
+                self.poller.start()
             self.client = LocalClient(self.service)
 
     def __enter__(self) -> LauncherClient:
@@ -62,6 +67,8 @@ class _Connection:
 
     def __exit__(self, *exc: object) -> None:
         if self.service is not None:
+            if self.poller is not None:
+                self.poller.stop()
             self.service.close()
 
 
@@ -109,6 +116,36 @@ def check(config_file: str | None) -> None:
         click.echo(f"{path}: {sum(not p.warning for p in problems)} error(s)")
         sys.exit(EXIT_ERROR)
     click.echo(f"{path}: ok ({len(config.apps)} app(s), {len(config.resources)} resource(s))")
+
+
+@main.command()
+@click.argument("application")
+@click.option("--explain", is_flag=True, help="Also say which template file was used (on stderr).")
+@config_option
+def render(application: str, explain: bool, config_file: str | None) -> None:
+    """Print the exact job script a launch of APPLICATION would submit."""
+    service = Service(_load(config_file))
+    try:
+        script, template = service.render_job(application)
+    except LaunchError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(EXIT_ERROR)
+    finally:
+        service.close()
+    if explain:
+        click.echo(f"# template: {template}", err=True)
+    click.echo(script, nl=False)
+
+
+@main.command("apache-config")
+@click.option("--server-name", default="localhost", help="ServerName of the vhost.")
+@click.option("--listen", default="*:80", help="VirtualHost address.")
+@config_option
+def apache_config(server_name: str, listen: str, config_file: str | None) -> None:
+    """Print an Apache vhost for this config: ProxyPass to the launcher, RewriteMap on the map file."""
+    from .apache import vhost
+
+    click.echo(vhost(_load(config_file), server_name=server_name, listen=listen), nl=False)
 
 
 @main.command("flush-map")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import jsonc
+from .clusters import ClusterConfig, check_clusters, check_resources
 from .validate import APP_NAME_RE, ENDPOINT_RE, is_valid_host
 
 CONFIG_ENV = "PVW_HPC_CONFIG"
@@ -36,8 +37,8 @@ STOCK_CONFIGURATION_KEYS = frozenset(
      "fields", "sanitize", "upload_dir"}
 )
 OUR_CONFIGURATION_KEYS = frozenset({"database", "threads"})
-APP_KEYS = frozenset({"cmd", "ready_line", "timeout", "env", "cwd"})
-TOP_LEVEL_KEYS = frozenset({"configuration", "apps", "properties", "resources", "sessionData"})
+APP_KEYS = frozenset({"cmd", "ready_line", "timeout", "env", "cwd", "cluster", "resources", "port"})
+TOP_LEVEL_KEYS = frozenset({"configuration", "apps", "properties", "resources", "sessionData", "clusters"})
 
 # names the launcher sets itself; a client cannot supply them
 LAUNCHER_KEYS = frozenset({"id", "host", "port", "secret", "application"})
@@ -105,6 +106,9 @@ class AppConfig:
     timeout_s: float | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str | None = None
+    cluster: str | None = None  # None: the local backend
+    resources: Mapping[str, Any] = field(default_factory=dict)  # job resources over the cluster's defaults
+    port: int | None = None  # pin the app's port on the node (batch apps); default: a free one
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,7 @@ class LauncherConfig:
     resources: tuple[Resource, ...]
     database_url: str
     threads: int
+    clusters: Mapping[str, ClusterConfig] = field(default_factory=dict)
     source: str = "<dict>"
 
     def app_timeout_s(self, app: AppConfig) -> float:
@@ -241,7 +246,13 @@ class _Checker:
             if name in LAUNCHER_KEYS:
                 self.warn(f"$.properties.{name}", "shadows a value the launcher sets itself; the launcher's value wins")
         session_data = self._session_data(session_data_raw)
+        clusters = check_clusters(raw.get("clusters"), self.error, self.warn)
         apps = self._apps(apps_raw)
+        for name, app in apps.items():
+            if app.cluster is not None and app.cluster not in clusters:
+                self.error(f"$.apps.{name}.cluster", f"no cluster {app.cluster!r} in $.clusters")
+        if any(app.cluster is None for app in apps.values()) and not resources:
+            self.error("$.resources", "local apps (no 'cluster') need at least one {host, port_range}")
         database = c.get("database")
         if database is None and isinstance(log_dir, str):
             database = f"sqlite:///{Path(log_dir).resolve() / 'pvw-hpc.sqlite'}"
@@ -258,7 +269,7 @@ class _Checker:
             proxy_file=Path(proxy_file), session_url=session_url, timeout_s=float(timeout),
             log_dir=Path(log_dir), fields=tuple(fields), sanitize=sanitize, properties=properties,
             session_data=session_data, apps=apps, resources=resources, database_url=database,
-            threads=threads, source=source,
+            threads=threads, clusters=clusters, source=source,
         )
 
     # -- sections -------------------------------------------------------------------------
@@ -290,7 +301,6 @@ class _Checker:
 
     def _resources(self, raw: Any) -> tuple[Resource, ...]:
         if raw is None:
-            self.error("$.resources", "missing required section (a list of {host, port_range})")
             return ()
         if not isinstance(raw, list):
             self.error("$.resources", "must be a list of {host, port_range}")
@@ -400,12 +410,23 @@ class _Checker:
             cwd = app.get("cwd")
             if cwd is not None and not isinstance(cwd, str):
                 self.error(f"{path}.cwd", "must be a string")
+            cluster = app.get("cluster")
+            if cluster is not None and not isinstance(cluster, str):
+                self.error(f"{path}.cluster", "must be the name of an entry of $.clusters")
+            resources = check_resources(app.get("resources"), f"{path}.resources", self.error)
+            if app.get("resources") and cluster is None:
+                self.warn(f"{path}.resources", "job resources only apply to apps with a 'cluster'")
+            port = app.get("port")
+            if port is not None and not (_is_int(port) and 1 <= port <= 65535):
+                self.error(f"{path}.port", "must be a TCP port 1..65535")
             if bad:
                 continue
             apps[name] = AppConfig(
                 name=name, cmd=tuple(cmd), ready_line=ready_line if isinstance(ready_line, str) else None,
                 timeout_s=float(timeout) if isinstance(timeout, (int, float)) else None,
                 env=dict(env), cwd=cwd if isinstance(cwd, str) else None,
+                cluster=cluster if isinstance(cluster, str) else None, resources=resources,
+                port=port if _is_int(port) else None,
             )
         return apps
 

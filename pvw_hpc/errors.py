@@ -14,10 +14,11 @@ class LaunchError(Exception):
 
     status = 500
 
-    def __init__(self, message: str, **extra: Any):
+    def __init__(self, message: str, *, cookie: str | None = None, **extra: Any):
         super().__init__(message)
         self.message = message
         self.extra = extra
+        self.cookie = cookie  # set as the re-attach cookie by the REST layer, never put in the body
 
     def body(self) -> dict[str, Any]:
         return {"error": self.message, **self.extra}
@@ -29,8 +30,16 @@ class BadRequest(LaunchError):
     status = 400
 
 
+class Forbidden(LaunchError):
+    status = 403
+
+
 class NotFound(LaunchError):
     status = 404
+
+
+class Conflict(LaunchError):
+    status = 409
 
 
 class PayloadTooLarge(LaunchError):

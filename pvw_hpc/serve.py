@@ -19,6 +19,7 @@ import waitress
 
 from .api import create_app
 from .config import LauncherConfig
+from .poller import Poller
 from .service import Service
 
 log = logging.getLogger("pvw_hpc")
@@ -40,6 +41,8 @@ def serve(config: LauncherConfig) -> None:
     setup_logging(config)
     service = Service(config)
     service.start()
+    poller = Poller(service)
+    poller.start()
     app = create_app(service=service)
     server = waitress.create_server(app, host=config.host, port=config.port, threads=config.threads,
                                     ident="pvw-hpc", channel_timeout=300)
@@ -58,4 +61,5 @@ def serve(config: LauncherConfig) -> None:
     try:
         server.run()
     finally:
+        poller.stop()
         service.close()

@@ -7,6 +7,8 @@ choice, states, map file) live in one place.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import secrets
 import threading
@@ -16,8 +18,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from . import jobs
+from .batch import make_adapter
+from .batch.base import BatchAdapter, BatchError, JobId
+from .batch.runner import CommandFailed
 from .config import AppConfig, LauncherConfig
-from .errors import BadRequest, NotFound, Unavailable
+from .errors import BadRequest, Conflict, Forbidden, NotFound, Unavailable
 from .local import LocalBackend, find_unrecorded
 from .mapfile import MapWriter
 from .ports import candidates
@@ -25,7 +31,7 @@ from .procs import terminate_group
 from .states import SessionState
 from .store import PortTaken, SessionRecord, Store
 from .substitute import Rendered, render, substitute
-from .validate import is_session_id
+from .validate import is_session_id, is_valid_host, is_valid_port
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,19 @@ class LaunchResult:
     status: int
     body: dict[str, Any]
     session_id: str
+    cookie: str | None = None  # lets a retried POST re-attach to this pending batch session
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def session_url(record: SessionRecord) -> str:
+    """The sessionURL; for a batch session host and port are only known once it is ready."""
+    url = record.session_url
+    if record.host and record.port:
+        url = url.replace(jobs.SENTINELS["host"], record.host).replace(jobs.SENTINELS["port"], str(record.port))
+    return url
 
 
 def session_view(record: SessionRecord) -> dict[str, Any]:
@@ -50,9 +69,15 @@ def session_view(record: SessionRecord) -> dict[str, Any]:
         "transitions": record.transitions(),
         "host": record.host,
         "port": record.port,
-        "sessionURL": record.session_url,
+        "sessionURL": session_url(record),
         **record.public,
     }
+    if record.backend != "local":
+        view["cluster"] = record.backend
+        view["job_id"] = record.job_id
+        view["scheduler_state"] = record.native_state
+        view["scheduler_reason"] = record.scheduler_reason
+        view["start_estimate"] = record.start_estimate.isoformat() if record.start_estimate else None
     if record.state == SessionState.FAILED:
         view["error"] = record.error
     if record.state in (SessionState.ENDED, SessionState.FAILED):
@@ -69,7 +94,8 @@ class Service:
         self.config = config
         self.store = store or Store(config.database_url)
         self.map = MapWriter(config.proxy_file, self.store.ready_routes)
-        self.local = LocalBackend(self.store, self._on_change)
+        self.local = LocalBackend(self.store, self.notify)
+        self.adapters: dict[str, BatchAdapter] = {name: make_adapter(c) for name, c in config.clusters.items()}
         self._events: dict[str, threading.Event] = {}
         self._events_lock = threading.Lock()
 
@@ -117,8 +143,12 @@ class Service:
 
     # -- the API ---------------------------------------------------------------------------
 
-    def launch(self, payload: Any, wait: bool | None = None) -> LaunchResult:
-        """Start a session for a launch request (the body of ``POST /<endpoint>``)."""
+    def launch(self, payload: Any, wait: bool | None = None, attach: str | None = None) -> LaunchResult:
+        """Start a session for a launch request (the body of ``POST /<endpoint>``).
+
+        ``attach`` is the cookie a 503 "still queued" answer set: a retried POST
+        with it waits for the same pending session instead of submitting again.
+        """
         if not isinstance(payload, dict):
             raise BadRequest("the request body must be a JSON object")
         app = self._app(payload.get("application"))
@@ -126,6 +156,11 @@ class Service:
             wait = payload.get("wait", True)
             if not isinstance(wait, bool):
                 raise BadRequest("'wait' must be true or false")
+        pending = self._attached(attach, app)
+        if pending is not None:
+            return self._wait_ready(pending.id, self.config.app_timeout_s(app), attach_cookie=attach)
+        if app.cluster is not None:
+            return self._launch_batch(app, payload, wait)
         session_id = str(uuid.uuid4())
         secret = secrets.token_hex(16)
         record, rendered = self._reserve(app, payload, session_id, secret)
@@ -139,11 +174,33 @@ class Service:
             self._finish(record.id, SessionState.FAILED, error=error)
             raise Unavailable(error, id=record.id, state=SessionState.FAILED.value) from exc
         if not wait:
-            body = session_view(self._get(record.id))
-            if record.return_secret:
-                body["secret"] = record.secret  # only the creator ever sees it
-            return LaunchResult(202, body, record.id)
+            return LaunchResult(202, self._creator_view(record.id), record.id)
         return self._wait_ready(record.id, timeout_s + WAIT_GRACE_S)
+
+    def render_job(self, application: str, payload: Mapping[str, Any] | None = None) -> tuple[str, str]:
+        """The exact script a launch of ``application`` would submit, and its template file (dry run)."""
+        app = self._app(application)
+        if app.cluster is None:
+            raise BadRequest(f"application {application!r} runs locally (no 'cluster'): there is no job script")
+        cluster = self.config.clusters[app.cluster]
+        return jobs.render_script(cluster, "00000000-0000-4000-8000-000000000000",
+                                  jobs.merged_resources(cluster, dict(app.resources)))
+
+    def mark_ready(self, session_id: str, token: str | None, host: Any, port: Any) -> dict[str, Any]:
+        """The job's callback: only the holder of this session's token may set its host:port."""
+        record = self._get(session_id)
+        if record.token_hash is None or not token or not hmac.compare_digest(record.token_hash, sha256(token)):
+            raise Forbidden("this token does not belong to this session")
+        if not is_valid_host(host) or not is_valid_port(port):
+            raise BadRequest("'host' must be a host name or IP address and 'port' an integer 1..65535")
+        if record.state == SessionState.READY and (record.host, record.port) == (host, port):
+            return session_view(record)
+        if record.state in (SessionState.SUBMITTED, SessionState.QUEUED):  # ran and got ready between polls
+            self.store.transition(session_id, SessionState.STARTING)
+        if not self.store.transition(session_id, SessionState.READY, host=host, port=port):
+            raise Conflict(f"session {session_id} is {self._get(session_id).state.value}; it cannot become ready")
+        self.notify(session_id, SessionState.READY)
+        return session_view(self._get(session_id))
 
     def get(self, session_id: str) -> dict[str, Any]:
         return session_view(self._get(session_id))
@@ -152,15 +209,29 @@ class Service:
         return [session_view(r) for r in self.store.list()]
 
     def stop(self, session_id: str, reason: str = "stopped by request") -> dict[str, Any]:
-        """End a session and stop its process; stopping an ended session is a no-op."""
+        """End a session and stop its process or job; stopping an ended session is a no-op."""
         record = self._get(session_id)
         if not record.is_final:
             self._finish(session_id, SessionState.ENDED, end_reason=reason)
             self.map.sync()  # the route is gone before we answer, even if the process is slow to stop
-            exit_code = self.local.stop(self._get(session_id))
-            if exit_code is not None:
-                self.store.update(session_id, exit_code=exit_code)
+            if record.backend == "local":
+                exit_code = self.local.stop(self._get(session_id))
+                if exit_code is not None:
+                    self.store.update(session_id, exit_code=exit_code)
+            elif record.job_id:
+                self.cancel_job(record)
         return session_view(self._get(session_id))
+
+    def cancel_job(self, record: SessionRecord) -> None:
+        """Cancel a session's batch job; a failure is recorded, the session stays ended."""
+        adapter = self.adapters.get(record.backend)
+        if adapter is None or not record.job_id:
+            return
+        try:
+            adapter.cancel(JobId(record.job_id))
+        except (BatchError, CommandFailed) as exc:
+            log.error("could not cancel job %s of session %s: %s", record.job_id, record.id, exc)
+            self.store.update(record.id, error=f"cancelling job {record.job_id} failed: {exc}")
 
     def flush_map(self) -> int:
         """Rewrite the map file from the database now; returns the number of routes."""
@@ -168,6 +239,71 @@ class Service:
         return len(self.store.ready_routes())
 
     # -- internals -------------------------------------------------------------------------
+
+    def _launch_batch(self, app: AppConfig, payload: Mapping[str, Any], wait: bool) -> LaunchResult:
+        """Write the job files, record the session, then submit: the row exists before the job."""
+        assert app.cluster is not None
+        cluster = self.config.clusters[app.cluster]
+        adapter = self.adapters[cluster.name]
+        session_id = str(uuid.uuid4())
+        secret, token, attach = secrets.token_hex(16), secrets.token_urlsafe(32), secrets.token_urlsafe(24)
+        rendered = render(self.config, app, payload, {"id": session_id, **jobs.SENTINELS})
+        env = {key: substitute(value, rendered.variables) for key, value in app.env.items()}
+        script, _template = jobs.render_script(cluster, session_id, jobs.merged_resources(cluster, dict(app.resources)))
+        files = jobs.job_files(cluster, session_id)
+        record = self.store.create(
+            id=session_id, application=app.name, backend=cluster.name, holds_port=False, secret=secret,
+            argv=list(rendered.argv), session_url=rendered.session_url, public=self._public(payload, rendered),
+            return_secret=self._app_gets_secret(app), log_path=str(files.log), job_dir=str(files.dir),
+            token_hash=sha256(token), attach_hash=sha256(attach),
+        )
+        try:
+            job_script = jobs.write_job_files(
+                cluster, session_id, script=script, argv=list(rendered.argv), env=env, ready_line=app.ready_line,
+                port=app.port, cwd=app.cwd, secret=secret, token=token,
+            )
+            job_id = adapter.submit(job_script)
+        except (OSError, BatchError, CommandFailed) as exc:
+            error = f"could not submit the job to cluster {cluster.name!r}: {exc}"
+            self._finish(session_id, SessionState.FAILED, error=error)
+            raise Unavailable(error, id=session_id, state=SessionState.FAILED.value) from exc
+        self.store.update(session_id, job_id=job_id)
+        if self.store.transition(session_id, SessionState.QUEUED):
+            self.notify(session_id, SessionState.QUEUED)
+        self.wake_poller()
+        cookie = f"{session_id}.{attach}"
+        if not wait:
+            return LaunchResult(202, self._creator_view(record.id), record.id, cookie)
+        return self._wait_ready(session_id, self.config.app_timeout_s(app), attach_cookie=cookie)
+
+    def _app_gets_secret(self, app: AppConfig) -> bool:
+        return any(jobs.SENTINELS["secret"] in part or jobs.SENTINELS["secret_file"] in part
+                   for part in render(self.config, app, {}, {"id": "x", **jobs.SENTINELS}).argv)
+
+    def _attached(self, cookie: str | None, app: AppConfig) -> SessionRecord | None:
+        """The pending session a retried POST's cookie names, if it is still worth waiting for."""
+        if not cookie or "." not in cookie:
+            return None
+        session_id, _, attach = cookie.partition(".")
+        record = self.store.get(session_id) if is_session_id(session_id) else None
+        if record is None or record.attach_hash is None or record.is_final or record.application != app.name:
+            return None
+        return record if hmac.compare_digest(record.attach_hash, sha256(attach)) else None
+
+    def wake_poller(self) -> None:
+        """Hook for the poller (set by ``pvw-hpc serve``) to look at new jobs at once."""
+        if self.poller_wake is not None:
+            self.poller_wake()
+
+    poller_wake: Any = None
+
+    def _creator_view(self, session_id: str) -> dict[str, Any]:
+        """What the creator of a session sees: the session plus the secret when the app gets it."""
+        record = self._get(session_id)
+        body = session_view(record)
+        if record.return_secret:
+            body["secret"] = record.secret
+        return body
 
     def _app(self, name: Any) -> AppConfig:
         if name is None:
@@ -197,7 +333,7 @@ class Service:
                 record = self.store.create(
                     id=session_id, application=app.name, backend="local", host=host, port=port,
                     holds_port=True, secret=secret, argv=list(rendered.argv), session_url=rendered.session_url,
-                    public=self._public(payload, rendered, host, port), return_secret=rendered.secret_in_argv,
+                    public=self._public(payload, rendered), return_secret=rendered.secret_in_argv,
                     log_path=str(self.config.log_dir / f"{session_id}.txt"),
                 )
             except PortTaken:
@@ -207,11 +343,11 @@ class Service:
         render(self.config, app, payload, {"id": session_id, "host": "", "port": "", "secret": secret})
         raise Unavailable("All the resources are currently taken: no free port in 'resources'")
 
-    def _public(self, payload: Mapping[str, Any], rendered: Rendered, host: str, port: int) -> dict[str, Any]:
-        """The configured ``fields`` (and sessionManagerURL) as the POST and GET answer them."""
-        source: dict[str, Any] = {**payload, **rendered.variables, **rendered.session_data, "host": host, "port": port}
-        source.pop("secret", None)
-        public = {key: source[key] for key in self.config.fields if key in source and key not in ("id", "sessionURL")}
+    def _public(self, payload: Mapping[str, Any], rendered: Rendered) -> dict[str, Any]:
+        """The configured ``fields`` (and sessionManagerURL) known at launch; host and port are added later."""
+        source: dict[str, Any] = {**payload, **rendered.variables, **rendered.session_data}
+        skip = {"id", "sessionURL", "secret", "secret_file", "host", "port"}
+        public = {key: source[key] for key in self.config.fields if key in source and key not in skip}
         if "sessionManagerURL" in payload:
             public["sessionManagerURL"] = payload["sessionManagerURL"]
         return public
@@ -219,19 +355,24 @@ class Service:
     def _finish(self, session_id: str, state: SessionState, **fields: Any) -> bool:
         moved = self.store.transition(session_id, state, **fields)
         if moved:
-            self._on_change(session_id, state)
+            self.notify(session_id, state)
         return moved
 
-    def _on_change(self, session_id: str, state: SessionState) -> None:
-        if state in (SessionState.READY, SessionState.ENDED, SessionState.FAILED):
-            self.map.request()
+    def notify(self, session_id: str, state: SessionState) -> None:
+        """A session changed state: rewrite the map (coalesced; a no-op when unchanged), wake waiters."""
+        self.map.request()
         with self._events_lock:
             event = self._events.get(session_id)
         if event is not None:
             event.set()
 
-    def _wait_ready(self, session_id: str, timeout_s: float) -> LaunchResult:
-        """Block until the session is ready (200) or failed (503)."""
+    def _wait_ready(self, session_id: str, timeout_s: float, attach_cookie: str | None = None) -> LaunchResult:
+        """Block until the session is ready (200) or failed (503).
+
+        A local session not ready in time is failed (stock behaviour). A batch
+        session is not: it is still queued or starting, so the 503 says so and
+        carries a cookie that lets the client's retry wait for the same job.
+        """
         event = threading.Event()
         with self._events_lock:
             self._events[session_id] = event
@@ -248,6 +389,9 @@ class Service:
                                       id=session_id, state=record.state.value)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    if attach_cookie is not None:
+                        raise Unavailable(self._pending_message(record), cookie=attach_cookie,
+                                          id=session_id, state=record.state.value)
                     error = f"not ready before the timeout; see the session log {record.log_path}"
                     self._finish(session_id, SessionState.FAILED, error=error)
                     self.local.stop(self._get(session_id))
@@ -258,11 +402,22 @@ class Service:
             with self._events_lock:
                 self._events.pop(session_id, None)
 
+    @staticmethod
+    def _pending_message(record: SessionRecord) -> str:
+        if record.state == SessionState.STARTING:
+            return f"the job {record.job_id} is running; the app is starting (not ready yet); retry to wait more"
+        why = f" ({record.scheduler_reason})" if record.scheduler_reason else ""
+        when = f", expected to start {record.start_estimate.isoformat()}" if record.start_estimate else ""
+        return f"the job {record.job_id} is still queued{why}{when}; retry to wait more"
+
     def _ready_body(self, record: SessionRecord) -> dict[str, Any]:
         """The stock success body: id, sessionURL, secret (when the app gets it), fields."""
-        body: dict[str, Any] = {"id": record.id, "sessionURL": record.session_url}
+        body: dict[str, Any] = {"id": record.id, "sessionURL": session_url(record)}
         if record.return_secret:
             body["secret"] = record.secret
         body.update(record.public)
+        for key in ("host", "port"):
+            if key in self.config.fields:
+                body[key] = getattr(record, key)
         body["state"] = record.state.value
         return body

@@ -30,7 +30,9 @@ from sqlalchemy import (
     create_engine,
     event,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine, make_url
@@ -82,6 +84,12 @@ sessions = Table(
     Column("pid", Integer),
     Column("pid_start", BigInteger),  # process start time, so a reused pid is not mistaken
     Column("job_id", String(128)),
+    Column("job_dir", Text),
+    Column("token_hash", String(64)),  # sha256 of the job's callback token
+    Column("attach_hash", String(64)),  # sha256 of the cookie that lets a retried POST re-attach
+    Column("native_state", String(64)),  # the scheduler's own state word, e.g. PENDING, NODE_FAIL
+    Column("scheduler_reason", Text),
+    Column("start_estimate", UTCDateTime),
     Column("exit_code", Integer),
     Column("error", Text),  # why it failed
     Column("end_reason", Text),  # why it ended (DELETE, exit, ...)
@@ -114,6 +122,12 @@ class SessionRecord:
     pid: int | None
     pid_start: int | None
     job_id: str | None
+    job_dir: str | None
+    token_hash: str | None
+    attach_hash: str | None
+    native_state: str | None
+    scheduler_reason: str | None
+    start_estimate: dt.datetime | None
     exit_code: int | None
     error: str | None
     end_reason: str | None
@@ -179,6 +193,18 @@ class Store:
         self.url = url
         self.engine = make_engine(url)
         metadata.create_all(self.engine)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Additive schema changes: a database made by an older version gains the new columns."""
+        have = {c["name"] for c in inspect(self.engine).get_columns("sessions")}
+        missing = [c for c in sessions.columns if c.name not in have]
+        if not missing:
+            return
+        with self.engine.begin() as conn:
+            for column in missing:
+                kind = column.type.compile(dialect=self.engine.dialect)
+                conn.execute(text(f"ALTER TABLE sessions ADD COLUMN {column.name} {kind}"))
 
     def close(self) -> None:
         self.engine.dispose()

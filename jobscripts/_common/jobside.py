@@ -1,0 +1,168 @@
+"""pvw-hpc job side: runs on the compute node inside the batch job (python3, standard library only).
+
+It reads ``$PVW_JOB_DIR/spec.json`` written by the launcher, picks a free port on
+this node (unless the app pins one), fills in host, port and secret, runs the
+app with its output piped through here into the job log, and watches that
+output for the ready line as bytes (wslink prints it without a newline). When
+it appears it (a) writes a marker line ``PVW-HPC-READY <session> <host>:<port>``
+into the job log, which the launcher's poller reads from the shared folder
+when nodes cannot reach the launcher, and (b) calls back
+``POST <callback_url>/<session>/ready`` with a per-session token. When the app
+exits it writes the exit code to ``$PVW_JOB_DIR/exit_code``.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+MARKER = "PVW-HPC-READY"
+SENTINELS = ("@@pvw-host@@", "@@pvw-port@@", "@@pvw-secret@@", "@@pvw-secret-file@@")
+
+
+def node_address(mode, callback_url):
+    """The address the front end should use to reach this node."""
+    if mode == "hostname":
+        return socket.gethostname()
+    if mode == "fqdn":
+        return socket.getfqdn()
+    if callback_url:  # the address of the interface that routes to the launcher (UDP connect sends nothing)
+        host = urllib.request.urlparse(callback_url).hostname
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.connect((host, 9))
+                return probe.getsockname()[0]
+        except OSError:
+            pass
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def free_port():
+    """A port free on every interface of this node right now (the app binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def fill(text, values):
+    for sentinel, value in zip(SENTINELS, values):
+        text = text.replace(sentinel, value)
+    return text
+
+
+def write_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def call_back(url, token, host, port):
+    """Tell the launcher where we are; failures are fine, the marker line is the fallback."""
+    body = json.dumps({"host": host, "port": port}).encode()
+    for attempt in range(3):
+        request = urllib.request.Request(url, data=body, method="POST", headers={
+            "Content-Type": "application/json", "Authorization": "Bearer " + token})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                response.read()
+                return
+        except Exception as exc:  # noqa: BLE001 - any failure: retry, then rely on the marker
+            sys.stderr.write("pvw-hpc: callback attempt %d failed: %s\n" % (attempt + 1, exc))
+            time.sleep(0.5 * (attempt + 1))
+
+
+def main():
+    job_dir = os.environ["PVW_JOB_DIR"]
+    with open(os.path.join(job_dir, "spec.json")) as fh:
+        spec = json.load(fh)
+    secret_file = os.path.join(job_dir, "secret")
+    with open(secret_file) as fh:
+        secret = fh.read().strip()
+    with open(os.path.join(job_dir, "token")) as fh:
+        token = fh.read().strip()
+    host = node_address(spec["node_address"], spec.get("callback_url"))
+    port = spec.get("port") or free_port()
+    values = (host, str(port), secret, secret_file)
+    argv = [fill(part, values) for part in spec["argv"]]
+    env = dict(os.environ)
+    env.update({key: fill(value, values) for key, value in spec.get("env", {}).items()})
+    out = sys.stdout.buffer
+    out.write(("pvw-hpc: session %s: starting %s on %s:%d\n" % (spec["session_id"], argv[0], host, port)).encode())
+    out.flush()
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=env, cwd=spec.get("cwd") or None)
+    except OSError as exc:
+        out.write(("pvw-hpc: cannot start %s: %s\n" % (argv[0], exc)).encode())
+        out.flush()
+        write_atomic(os.path.join(job_dir, "exit_code"), "127\n")
+        return 127
+
+    def forward(signum, _frame):
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(sig, forward)
+
+    announced = threading.Event()
+    write_lock = threading.Lock()
+
+    def announce():
+        if announced.is_set():
+            return
+        announced.set()
+        with write_lock:
+            out.write(("\n%s %s %s:%d\n" % (MARKER, spec["session_id"], host, port)).encode())
+            out.flush()
+        if spec.get("callback_url"):
+            url = "%s/%s/ready" % (spec["callback_url"], spec["session_id"])
+            threading.Thread(target=call_back, args=(url, token, host, port), daemon=True).start()
+
+    needle = spec["ready_line"].encode() if spec.get("ready_line") else None
+    if needle is None:  # no ready line: ready once the port accepts connections
+        def probe():
+            while proc.poll() is None and not announced.is_set():
+                try:
+                    with socket.create_connection((host, port), timeout=0.5):
+                        announce()
+                        return
+                except OSError:
+                    time.sleep(0.05)
+        threading.Thread(target=probe, daemon=True).start()
+
+    tail = b""
+    stream = proc.stdout.fileno()
+    while True:
+        try:
+            chunk = os.read(stream, 65536)
+        except InterruptedError:
+            continue
+        if not chunk:
+            break
+        with write_lock:
+            out.write(chunk)
+            out.flush()
+        if needle is not None and not announced.is_set():
+            window = tail + chunk
+            if needle in window:
+                announce()
+            else:
+                tail = window[-(len(needle) - 1):] if len(needle) > 1 else b""
+    code = proc.wait()
+    code = 128 - code if code < 0 else code  # killed by signal N -> 128 + N, as the shell reports it
+    write_atomic(os.path.join(job_dir, "exit_code"), "%d\n" % code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""pvw-hpc's own config section ``clusters``, and the job resources apps may ask for.
+
+A cluster names its scheduler, how to reach it, the shared folder where job
+files live, and default resources; an app bound to it (``apps.<name>.cluster``)
+may override those resources. Every resource value is checked here against a
+strict pattern, because it ends up in a ``#SBATCH``-style directive line that
+no shell quoting protects.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEDULERS = ("slurm",)
+ACCESS_MODES = {"slurm": ("cli", "rest")}
+NODE_ADDRESS_MODES = ("ip", "hostname", "fqdn")
+
+_NAME = re.compile(r"^[A-Za-z0-9_.+-]{1,64}\Z")
+_TIME = re.compile(r"^(?:\d+-)?\d{1,4}(?::\d{1,2}){0,2}\Z")
+_MEMORY = re.compile(r"^\d{1,9}[KMGT]?\Z")
+_GRES = re.compile(r"^[A-Za-z0-9_:.,=/-]{1,128}\Z")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+_LINE = re.compile(r"^[^\x00-\x1f\x7f]*\Z")  # one line, no control characters
+
+# resource key -> (check, what it must look like)
+RESOURCE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "partition": (lambda v: isinstance(v, str) and bool(_NAME.match(v)), "a name of letters, digits, _.+-"),
+    "account": (lambda v: isinstance(v, str) and bool(_NAME.match(v)), "a name of letters, digits, _.+-"),
+    "qos": (lambda v: isinstance(v, str) and bool(_NAME.match(v)), "a name of letters, digits, _.+-"),
+    "time": (lambda v: (_is_int(v) and v > 0) or (isinstance(v, str) and bool(_TIME.match(v))),
+             "minutes, or [D-]HH[:MM[:SS]]"),
+    "nodes": (lambda v: _is_int(v) and 1 <= v <= 100000, "an integer >= 1"),
+    "cpus": (lambda v: _is_int(v) and 1 <= v <= 100000, "an integer >= 1"),
+    "gpus": (lambda v: _is_int(v) and 0 <= v <= 1024, "an integer >= 0"),
+    "memory": (lambda v: isinstance(v, str) and bool(_MEMORY.match(v)), "a size such as 4G or 4000M"),
+    "gres": (lambda v: isinstance(v, str) and bool(_GRES.match(v)), "a gres string such as gpu:a100:1"),
+    "extra_directives": (lambda v: _lines(v), "a list of one-line strings"),
+    "prologue": (lambda v: _lines(v), "a list of one-line shell commands"),
+    "environment": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _ENV_NAME.match(k)
+                                                            and isinstance(x, str) and _LINE.match(x)
+                                                            for k, x in v.items()),
+                    "an object of NAME: one-line string"),
+}
+
+
+@dataclass(frozen=True)
+class RestAccess:
+    """slurmrestd over HTTP with a JWT (a launcher outside the cluster)."""
+
+    url: str
+    user: str
+    token_file: str | None = None
+    api_version: str = "v0.0.38"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """One entry of ``clusters``."""
+
+    name: str
+    scheduler: str
+    job_dir: Path
+    access: str = "cli"
+    template: str | None = None
+    callback_url: str | None = None
+    python: str = "python3"
+    node_address: str = "ip"
+    requeue: bool = False
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    poll_fast_s: float = 1.0
+    poll_slow_s: float = 10.0
+    command_timeout_s: float = 30.0
+    commands: Mapping[str, str] = field(default_factory=dict)
+    rest: RestAccess | None = None
+
+
+CLUSTER_KEYS = frozenset({
+    "scheduler", "access", "job_dir", "template", "callback_url", "python", "node_address", "requeue",
+    "defaults", "poll_fast_s", "poll_slow_s", "command_timeout_s", "commands", "rest",
+})
+
+Report = Callable[[str, str], None]
+
+
+def check_resources(raw: Any, path: str, error: Report) -> dict[str, Any]:
+    """Check a resources object (cluster ``defaults`` or an app's ``resources``)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        error(path, "must be an object of job resources")
+        return {}
+    out = {}
+    for key, value in raw.items():
+        rule = RESOURCE_RULES.get(key)
+        if rule is None:
+            error(f"{path}.{key}", f"unknown resource; known: {', '.join(RESOURCE_RULES)}")
+        elif not rule[0](value):
+            error(f"{path}.{key}", f"must be {rule[1]}, got {value!r}")
+        else:
+            out[key] = value
+    return out
+
+
+def check_clusters(raw: Any, report_error: Report, warn: Report) -> dict[str, ClusterConfig]:
+    """Check the ``clusters`` section; problems go to ``report_error``/``warn`` with their JSON path."""
+    seen: list[str] = []
+
+    def error(path: str, message: str) -> None:
+        seen.append(path)
+        report_error(path, message)
+
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        error("$.clusters", "must be an object of named clusters")
+        return {}
+    clusters = {}
+    for name, c in raw.items():
+        path = f"$.clusters.{name}"
+        if not isinstance(c, dict):
+            error(path, "must be an object with 'scheduler' and 'job_dir'")
+            continue
+        for key in c:
+            if key not in CLUSTER_KEYS:
+                warn(f"{path}.{key}", "unknown key, ignored")
+        before = len(seen)
+        scheduler = c.get("scheduler")
+        if scheduler not in SCHEDULERS:
+            error(f"{path}.scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+            continue
+        access = c.get("access", "cli")
+        if access not in ACCESS_MODES[scheduler]:
+            error(f"{path}.access", f"must be one of {', '.join(ACCESS_MODES[scheduler])}, got {access!r}")
+        job_dir = c.get("job_dir")
+        if not isinstance(job_dir, str) or not job_dir.startswith("/"):
+            error(f"{path}.job_dir", "must be an absolute path to a folder the nodes share with the launcher")
+        template = c.get("template")
+        if template is not None and not isinstance(template, str):
+            error(f"{path}.template", "must be the path of a Jinja2 job-script template")
+        callback = c.get("callback_url")
+        if callback is not None and (not isinstance(callback, str) or not re.match(r"^https?://[^\s]+\Z", callback)):
+            error(f"{path}.callback_url", "must be an http(s) URL of the launcher's endpoint as the nodes see it")
+        python = c.get("python", "python3")
+        if not isinstance(python, str) or not _LINE.match(python) or not python:
+            error(f"{path}.python", "must be the python3 command on the nodes")
+        node_address = c.get("node_address", "ip")
+        if node_address not in NODE_ADDRESS_MODES:
+            error(f"{path}.node_address", f"must be one of {', '.join(NODE_ADDRESS_MODES)}")
+        requeue = c.get("requeue", False)
+        if not isinstance(requeue, bool):
+            error(f"{path}.requeue", "must be true or false")
+        timings = {}
+        for key, default in (("poll_fast_s", 1.0), ("poll_slow_s", 10.0), ("command_timeout_s", 30.0)):
+            value = c.get(key, default)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                error(f"{path}.{key}", "must be a positive number of seconds")
+                value = default
+            timings[key] = float(value)
+        commands = c.get("commands", {})
+        if not isinstance(commands, dict) or not all(isinstance(v, str) for v in commands.values()):
+            error(f"{path}.commands", "must map command names (sbatch, squeue, ...) to executables")
+            commands = {}
+        rest = None
+        if access == "rest":
+            rest = _check_rest(c.get("rest"), f"{path}.rest", error)
+        defaults = check_resources(c.get("defaults"), f"{path}.defaults", error)
+        if len(seen) != before:
+            continue
+        clusters[name] = ClusterConfig(
+            name=name, scheduler=scheduler, job_dir=Path(job_dir), access=access, template=template,
+            callback_url=callback.rstrip("/") if callback else None, python=python, node_address=node_address,
+            requeue=requeue, defaults=defaults, commands=dict(commands), rest=rest, **timings,
+        )
+    return clusters
+
+
+def _check_rest(raw: Any, path: str, error: Report) -> RestAccess | None:
+    if not isinstance(raw, dict):
+        error(path, "access 'rest' needs {url, user, token_file}")
+        return None
+    url, user, token_file = raw.get("url"), raw.get("user"), raw.get("token_file")
+    if not isinstance(url, str) or not re.match(r"^https?://[^\s]+\Z", url):
+        error(f"{path}.url", "must be the slurmrestd base URL, e.g. http://host:6820")
+        return None
+    if not isinstance(user, str) or not _NAME.match(user):
+        error(f"{path}.user", "must be the user name the token belongs to")
+        return None
+    if token_file is not None and not isinstance(token_file, str):
+        error(f"{path}.token_file", "must be a path")
+        return None
+    version = raw.get("api_version", "v0.0.38")
+    return RestAccess(url=url.rstrip("/"), user=user, token_file=token_file, api_version=version)
+
+
+def _lines(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) and _LINE.match(v) for v in value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

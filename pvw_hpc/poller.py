@@ -1,0 +1,232 @@
+"""The poller: one thread that follows every batch session from queued to ended.
+
+Each cycle makes ONE queue query per cluster for all of its live jobs, reads
+the job logs of queued and starting sessions for the job side's ready marker,
+and moves sessions through their states. The interval adapts: fast while
+anything is queued or starting, slow when everything is ready, and backing off
+while a scheduler does not answer. A failed query changes no session: only a
+job the scheduler reports finished, or that is gone from the queue and
+confirmed by its exit-code file or the scheduler's history, ends a session.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .batch.base import JobId, JobInfo, JobState, Presence
+from .local import log_tail
+from .service import Service
+from .states import SessionState
+from .store import SessionRecord
+from .validate import is_valid_host, is_valid_port
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 60.0
+_MARKER_RE = re.compile(rb"PVW-HPC-READY ([0-9a-f-]{36}) (\S+):(\d+)\r?\n")
+
+
+@dataclass
+class _LogScan:
+    """How far into a job log the marker search has read."""
+
+    offset: int = 0
+    tail: bytes = b""
+
+
+class Poller:
+    """Owns the batch sessions' progress; ``tick()`` runs one cycle (tests call it directly)."""
+
+    def __init__(self, service: Service):
+        self.service = service
+        self.store = service.store
+        self._scans: dict[str, _LogScan] = {}
+        self._failures: dict[str, int] = {}  # cluster -> consecutive failed queries
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.cycles = 0
+
+    def start(self) -> None:
+        if self._thread is None and self.service.adapters:
+            self.service.poller_wake = self._wake.set
+            self._thread = threading.Thread(target=self._run, name="pvw-poller", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                interval = self.tick()
+            except Exception:  # the poller must outlive any one bad cycle
+                log.exception("poller cycle failed")
+                interval = 5.0
+            self._wake.wait(interval)
+            self._wake.clear()
+
+    # -- one cycle --------------------------------------------------------------------------
+
+    def tick(self) -> float:
+        """Poll every cluster once; returns the seconds until the next cycle should run."""
+        self.cycles += 1
+        intervals = []
+        for name, cluster in self.service.config.clusters.items():
+            sessions = self.store.active(backend=name)
+            if not sessions:
+                self._failures.pop(name, None)
+                intervals.append(cluster.poll_slow_s)
+                continue
+            ok = self._poll_cluster(name, sessions)
+            if ok:
+                self._failures.pop(name, None)
+            else:
+                self._failures[name] = self._failures.get(name, 0) + 1
+            busy = any(s.state != SessionState.READY for s in self.store.active(backend=name))
+            interval = cluster.poll_fast_s if busy else cluster.poll_slow_s
+            if not ok:
+                interval = min(MAX_BACKOFF_S, cluster.poll_fast_s * 2 ** self._failures[name])
+            intervals.append(interval)
+        return min(intervals, default=10.0)
+
+    def _poll_cluster(self, name: str, sessions: list[SessionRecord]) -> bool:
+        adapter = self.service.adapters[name]
+        with_jobs = [s for s in sessions if s.job_id]
+        infos = adapter.poll([JobId(s.job_id) for s in with_jobs if s.job_id])
+        query_ok = all(i.presence != Presence.QUERY_FAILED for i in infos.values())
+        absent = []
+        for record in with_jobs:
+            info = infos[JobId(record.job_id or "")]
+            if info.presence == Presence.FOUND:
+                self._apply(record, info)
+            elif info.presence == Presence.ABSENT:
+                absent.append(record)
+        if absent:
+            self._confirm_absent(name, absent)
+        for record in self.store.active(backend=name):
+            if record.state in (SessionState.QUEUED, SessionState.STARTING):
+                self._check_marker(record)
+        return query_ok
+
+    def _apply(self, record: SessionRecord, info: JobInfo) -> None:
+        """Move one session according to what the scheduler says about its job."""
+        changed = {
+            "native_state": info.native_state, "scheduler_reason": info.reason,
+            "start_estimate": info.start_estimate,
+        }
+        if any(getattr(record, k) != v for k, v in changed.items()):
+            self.store.update(record.id, **changed)
+        state = info.state
+        if state in (JobState.QUEUED, JobState.HELD):
+            if record.state in (SessionState.STARTING, SessionState.READY):  # requeued: the old node is gone
+                self._scans[record.id] = _LogScan(offset=_size(record.log_path))
+                self._move(record, SessionState.QUEUED, host=None, port=None)
+            elif record.state == SessionState.SUBMITTED:
+                self._move(record, SessionState.QUEUED)
+        elif state in (JobState.RUNNING, JobState.ENDING):
+            if record.state in (SessionState.SUBMITTED, SessionState.QUEUED):
+                self._move(record, SessionState.STARTING)
+        elif state is not None and state.is_final:
+            self._finish(record, info)
+
+    def _confirm_absent(self, cluster: str, records: list[SessionRecord]) -> None:
+        """A job gone from the queue ends its session only when something confirms it ended."""
+        unconfirmed = []
+        for record in records:
+            code = _read_exit_code(record)
+            if code is not None:
+                self._finish(record, JobInfo(JobId(record.job_id or ""), Presence.FOUND, JobState.COMPLETED,
+                                             native_state="GONE", exit_code=code))
+            else:
+                unconfirmed.append(record)
+        if not unconfirmed:
+            return
+        history = self.service.adapters[cluster].history([JobId(r.job_id or "") for r in unconfirmed])
+        for record in unconfirmed:
+            info = history[JobId(record.job_id or "")]
+            if info.presence == Presence.FOUND and info.state is not None and info.state.is_final:
+                self._finish(record, info)
+            else:
+                log.warning("job %s of session %s is not in the queue and not confirmed ended; keeping it",
+                            record.job_id, record.id)
+
+    def _finish(self, record: SessionRecord, info: JobInfo) -> None:
+        exit_code = _read_exit_code(record)
+        if exit_code is None:
+            exit_code = info.exit_code
+        what = info.native_state or "ended"
+        if info.reason:
+            what += f" ({info.reason})"
+        if record.state == SessionState.READY and info.state == JobState.COMPLETED:
+            self._move(record, SessionState.ENDED, exit_code=exit_code, end_reason=f"job {record.job_id} {what}")
+        else:
+            error = f"job {record.job_id} {what}"
+            if exit_code is not None:
+                error += f", exit code {exit_code}"
+            if record.state != SessionState.READY:
+                error += " before the app was ready"
+                tail = log_tail(record.log_path)
+                if tail:
+                    error += f"; job log {record.log_path}, last lines:\n{tail}"
+            self._move(record, SessionState.FAILED, exit_code=exit_code, error=error)
+        self._scans.pop(record.id, None)
+
+    def _check_marker(self, record: SessionRecord) -> None:
+        """The job side's marker line in the job log: the fallback when callbacks cannot reach us."""
+        if not record.log_path:
+            return
+        scan = self._scans.setdefault(record.id, _LogScan())
+        for session_id, host, port in _read_markers(Path(record.log_path), scan):
+            if session_id != record.id or not is_valid_host(host) or not is_valid_port(port):
+                continue
+            if record.state == SessionState.QUEUED:  # ran and got ready between two polls
+                self._move(record, SessionState.STARTING)
+            self._move(record, SessionState.READY, host=host, port=port)
+            return
+
+    def _move(self, record: SessionRecord, to: SessionState, **fields: object) -> None:
+        if self.store.transition(record.id, to, **fields):
+            self.service.notify(record.id, to)
+
+
+def _read_markers(path: Path, scan: _LogScan) -> Iterable[tuple[str, str, int]]:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(scan.offset)
+            data = fh.read(1 << 20)
+    except OSError:
+        return []
+    scan.offset += len(data)
+    window = scan.tail + data
+    found = [(m.group(1).decode(), m.group(2).decode("ascii", "replace"), int(m.group(3)))
+             for m in _MARKER_RE.finditer(window)]
+    cut = window.rfind(b"\n")
+    scan.tail = window[cut + 1:][-256:] if cut >= 0 else window[-256:]
+    return found
+
+
+def _read_exit_code(record: SessionRecord) -> int | None:
+    if not record.job_dir:
+        return None
+    try:
+        text = (Path(record.job_dir) / "exit_code").read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.lstrip("-").isdigit() else None
+
+
+def _size(path: str | None) -> int:
+    try:
+        return Path(path).stat().st_size if path else 0
+    except OSError:
+        return 0
