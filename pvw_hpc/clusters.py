@@ -142,8 +142,10 @@ def check_clusters(raw: Any, report_error: Report, warn: Report) -> dict[str, Cl
         if template is not None and not isinstance(template, str):
             error(f"{path}.template", "must be the path of a Jinja2 job-script template")
         callback = c.get("callback_url")
-        if callback is not None and (not isinstance(callback, str) or not re.match(r"^https?://[^\s]+\Z", callback)):
-            error(f"{path}.callback_url", "must be an http(s) URL of the launcher's endpoint as the nodes see it")
+        if callback is not None and callback != "auto" and (
+                not isinstance(callback, str) or not re.match(r"^https?://[^\s]+\Z", callback)):
+            error(f"{path}.callback_url",
+                  "must be 'auto' or an http(s) URL of the launcher's endpoint as the nodes see it")
         python = c.get("python", "python3")
         if not isinstance(python, str) or not _LINE.match(python) or not python:
             error(f"{path}.python", "must be the python3 command on the nodes")

@@ -137,6 +137,7 @@ def write_job_files(
     cwd: str | None,
     secret: str,
     token: str,
+    callback_url: str | None,
 ) -> JobScript:
     """Create the session's job folder; files holding secrets are 0600 from the start."""
     files = job_files(cluster, session_id)
@@ -144,7 +145,7 @@ def write_job_files(
     files.dir.mkdir(mode=0o700)
     spec = {
         "session_id": session_id, "argv": argv, "env": env, "ready_line": ready_line, "port": port, "cwd": cwd,
-        "callback_url": cluster.callback_url, "node_address": cluster.node_address,
+        "callback_url": callback_url, "node_address": cluster.node_address,
     }
     _write(files.spec, json.dumps(spec, indent=1), 0o600)
     _write(files.secret, secret + "\n", 0o600)

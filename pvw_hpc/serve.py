@@ -48,7 +48,8 @@ def serve(config: LauncherConfig) -> None:
                                     ident="pvw-hpc", channel_timeout=300)
     listen = getattr(server, "effective_listen", None) or [(server.effective_host, server.effective_port)]
     host, port = listen[0][:2]
-    print(f"pvw-hpc: serving http://{host}:{port}/{config.endpoint}/", flush=True)
+    service.listening_url = f"http://{host}:{port}/{config.endpoint}"
+    print(f"pvw-hpc: serving {service.listening_url}/", flush=True)
     log.info("serving on %s, config %s, database %s", listen, config.source, config.database_url)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:

@@ -261,6 +261,7 @@ class Service:
             job_script = jobs.write_job_files(
                 cluster, session_id, script=script, argv=list(rendered.argv), env=env, ready_line=app.ready_line,
                 port=app.port, cwd=app.cwd, secret=secret, token=token,
+                callback_url=self.listening_url if cluster.callback_url == "auto" else cluster.callback_url,
             )
             job_id = adapter.submit(job_script)
         except (OSError, BatchError, CommandFailed) as exc:
@@ -296,6 +297,7 @@ class Service:
             self.poller_wake()
 
     poller_wake: Any = None
+    listening_url: str | None = None  # the endpoint URL `serve` bound; what callback_url "auto" means
 
     def _creator_view(self, session_id: str) -> dict[str, Any]:
         """What the creator of a session sees: the session plus the secret when the app gets it."""

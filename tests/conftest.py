@@ -296,6 +296,18 @@ class Launcher:
         finally:
             conn.close()
 
+    def job_ids(self) -> list[str]:
+        """Scheduler job ids of this launcher's batch sessions."""
+        if not self.db_path.exists():
+            return []
+        conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10)
+        try:
+            return [r[0] for r in conn.execute("SELECT job_id FROM sessions WHERE job_id IS NOT NULL")]
+        except sqlite3.OperationalError:
+            return []
+        finally:
+            conn.close()
+
     def active_ids(self) -> set[str]:
         return {sid for sid, state, _ in self.db_rows() if state not in ("ended", "failed")}
 
@@ -322,6 +334,9 @@ class Launcher:
     def cleanup(self) -> None:
         """Kill the launcher and every app it started, check none is left, remove the directory."""
         self.kill9()
+        jobs = self.job_ids()
+        if jobs and shutil.which("scancel"):
+            subprocess.run(["scancel", *jobs], capture_output=True, timeout=30)
         leftovers: dict[int, str] = {}
         for _ in range(3):
             for pid in self.app_pids():
@@ -358,6 +373,7 @@ class LauncherFactory:
         session_url: str | None = None,
         ports: int = 20,
         configuration: dict[str, Any] | None = None,
+        clusters: dict[str, Any] | None = None,
         start: bool = True,
     ) -> Launcher:
         root = Path(tempfile.mkdtemp(prefix="pvw-test-", dir="/tmp"))
@@ -383,6 +399,11 @@ class LauncherFactory:
         }
         if session_data is not None:
             config["sessionData"] = session_data
+        if clusters is not None:  # batch clusters: job folders go under this launcher's root
+            config["clusters"] = {
+                name: {"job_dir": str(root / "jobs" / name), "callback_url": "auto", **cluster}
+                for name, cluster in clusters.items()
+            }
         launcher = Launcher(root, config)
         self.launchers.append(launcher)
         if start:
