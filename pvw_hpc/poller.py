@@ -27,7 +27,7 @@ from .validate import is_valid_host, is_valid_port
 
 log = logging.getLogger(__name__)
 
-MAX_BACKOFF_S = 60.0
+MAX_BACKOFF_S = 15.0  # while a scheduler is down: keep asking, at most this far apart
 _MARKER_RE = re.compile(rb"PVW-HPC-READY ([0-9a-f-]{36}) (\S+):(\d+)\r?\n")
 
 
@@ -84,14 +84,21 @@ class Poller:
         for name, cluster in self.service.config.clusters.items():
             sessions = self.store.active(backend=name)
             if not sessions:
+                if name in self.service.unreachable:  # nothing to poll: ask the queue whether it is back
+                    sessions_probe = self.service.adapters[name].poll([JobId("0")])
+                    if all(i.presence != Presence.QUERY_FAILED for i in sessions_probe.values()):
+                        self.service.unreachable.pop(name, None)
                 self._failures.pop(name, None)
-                intervals.append(cluster.poll_slow_s)
+                intervals.append(cluster.poll_fast_s if name in self.service.unreachable else cluster.poll_slow_s)
                 continue
-            ok = self._poll_cluster(name, sessions)
+            ok, why = self._poll_cluster(name, sessions)
             if ok:
                 self._failures.pop(name, None)
+                self.service.unreachable.pop(name, None)
             else:
                 self._failures[name] = self._failures.get(name, 0) + 1
+                self.service.unreachable[name] = why
+                log.warning("cluster %s: scheduler query failed (%d in a row): %s", name, self._failures[name], why)
             busy = any(s.state != SessionState.READY for s in self.store.active(backend=name))
             interval = cluster.poll_fast_s if busy else cluster.poll_slow_s
             if not ok:
@@ -99,11 +106,11 @@ class Poller:
             intervals.append(interval)
         return min(intervals, default=10.0)
 
-    def _poll_cluster(self, name: str, sessions: list[SessionRecord]) -> bool:
+    def _poll_cluster(self, name: str, sessions: list[SessionRecord]) -> tuple[bool, str]:
         adapter = self.service.adapters[name]
         with_jobs = [s for s in sessions if s.job_id]
         infos = adapter.poll([JobId(s.job_id) for s in with_jobs if s.job_id])
-        query_ok = all(i.presence != Presence.QUERY_FAILED for i in infos.values())
+        failed = [i for i in infos.values() if i.presence == Presence.QUERY_FAILED]
         absent = []
         for record in with_jobs:
             info = infos[JobId(record.job_id or "")]
@@ -116,7 +123,7 @@ class Poller:
         for record in self.store.active(backend=name):
             if record.state in (SessionState.QUEUED, SessionState.STARTING):
                 self._check_marker(record)
-        return query_ok
+        return not failed, (failed[0].reason or "query failed") if failed else ""
 
     def _apply(self, record: SessionRecord, info: JobInfo) -> None:
         """Move one session according to what the scheduler says about its job."""

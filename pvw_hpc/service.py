@@ -96,6 +96,7 @@ class Service:
         self.map = MapWriter(config.proxy_file, self.store.ready_routes)
         self.local = LocalBackend(self.store, self.notify)
         self.adapters: dict[str, BatchAdapter] = {name: make_adapter(c) for name, c in config.clusters.items()}
+        self.unreachable: dict[str, str] = {}  # cluster -> why its scheduler is not answering (set by the poller)
         self._events: dict[str, threading.Event] = {}
         self._events_lock = threading.Lock()
 
@@ -245,6 +246,10 @@ class Service:
         assert app.cluster is not None
         cluster = self.config.clusters[app.cluster]
         adapter = self.adapters[cluster.name]
+        down = self.unreachable.get(cluster.name)
+        if down is not None:  # answer at once instead of letting sbatch hang on a dead controller
+            raise Unavailable(f"the scheduler of cluster {cluster.name!r} is not answering ({down}); "
+                              "running sessions are kept; try again later")
         session_id = str(uuid.uuid4())
         secret, token, attach = secrets.token_hex(16), secrets.token_urlsafe(32), secrets.token_urlsafe(24)
         rendered = render(self.config, app, payload, {"id": session_id, **jobs.SENTINELS})
@@ -265,6 +270,9 @@ class Service:
             )
             job_id = adapter.submit(job_script)
         except (OSError, BatchError, CommandFailed) as exc:
+            if "Unable to contact" in str(exc) or (isinstance(exc, BatchError) and exc.returncode is None):
+                self.unreachable[cluster.name] = str(exc)[:300]
+                self.wake_poller()  # the poller clears the mark once the scheduler answers again
             error = f"could not submit the job to cluster {cluster.name!r}: {exc}"
             self._finish(session_id, SessionState.FAILED, error=error)
             raise Unavailable(error, id=session_id, state=SessionState.FAILED.value) from exc

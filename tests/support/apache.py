@@ -64,6 +64,10 @@ LogLevel warn
 LogFormat "%h %t \\"%r\\" %>s %b %D" short
 CustomLog "{access_log}" short
 
+{vhost}
+"""
+
+_DEFAULT_VHOST = """\
 <VirtualHost 127.0.0.1:{port}>
     ProxyPass /paraview http://127.0.0.1:{launcher_port}/paraview
     RewriteEngine On
@@ -128,12 +132,16 @@ class ApacheInstance:
         launcher_port: int = 9000,
         port: int | None = None,
         start_timeout: float = 10.0,
+        vhost: str | None = None,
     ) -> None:
         """Create the instance directory (not started yet).
 
         ``proxy_file`` defaults to ``<root>/proxy.txt``; ``launcher_port`` is
         where ``/paraview`` is forwarded; ``port`` defaults to a free one.
+        ``vhost`` replaces the built-in ``<VirtualHost>`` block (e.g. the output
+        of ``pvw-hpc apache-config --listen 127.0.0.1:<port>``).
         """
+        self._vhost = vhost
         self._root = Path(tempfile.mkdtemp(prefix="pvw-apache-", dir="/tmp"))
         # mkdtemp makes 0700; www-data must be able to traverse it.
         self._root.chmod(0o755)
@@ -210,16 +218,20 @@ class ApacheInstance:
         load_modules = "\n".join(
             f"LoadModule {name} {MODULES_DIR}/{so}" for name, so in _MODULES
         )
+        vhost = self._vhost or _DEFAULT_VHOST.format(
+            port=self._port,
+            launcher_port=self.launcher_port,
+            proxy_file=self.proxy_file.resolve(),
+        )
         self.conf_path.write_text(
             _CONF_TEMPLATE.format(
+                vhost=vhost,
                 root=self._root,
                 port=self._port,
                 user_group=user_group,
                 load_modules=load_modules,
                 error_log=self.error_log,
                 access_log=self.access_log,
-                launcher_port=self.launcher_port,
-                proxy_file=self.proxy_file.resolve(),
             ),
             encoding="utf-8",
         )

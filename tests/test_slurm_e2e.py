@@ -1,0 +1,277 @@
+"""SLURM end to end with real parts: `pvw-hpc serve`, the local SLURM cluster that
+`schedulers/slurm/up` starts, the wslink demo app run by real jobs, a private Apache
+started from `pvw-hpc apache-config`, and a real WebSocket client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from websockets.exceptions import InvalidStatus
+
+from tests.conftest import DEMO_APP, TEXT_PLAIN, Launcher, LauncherFactory, wait_for
+from tests.support.apache import ApacheInstance, skip_reason
+from tests.support.wslink_client import connect_and_call
+
+PVW_HPC = str(Path(sys.executable).parent / "pvw-hpc")
+
+
+def _slurm_reason() -> str | None:
+    if shutil.which("sinfo") is None:
+        return "SLURM is not installed (run schedulers/slurm/up)"
+    probe = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0 or not probe.stdout.strip():
+        return f"the local SLURM cluster is not up (run schedulers/slurm/up): {probe.stderr.strip()}"
+    return None
+
+
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_slurm_reason() is not None, reason=str(_slurm_reason()))]
+
+DEMO = {
+    "cluster": "slurm",
+    "cmd": ["${python_exec}", "${demo_app}", "--host", "${host}", "--port", "${port}",
+            "--authKeyFile", "${secret_file}", "--timeout", "120"],
+    "ready_line": "Starting factory",
+}
+
+
+def squeue(job_id: str) -> str:
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-O", "State:|"], capture_output=True,
+                         text=True, timeout=30)
+    return out.stdout.strip().rstrip("|")
+
+
+@pytest.fixture(scope="module")
+def slurm_launcher(module_launcher: LauncherFactory) -> Launcher:
+    return module_launcher(
+        session_url="ws://USE_HOST/proxy?sessionId=${id}&path=ws",
+        timeout=30,
+        clusters={
+            "slurm": {"scheduler": "slurm", "poll_fast_s": 0.5, "poll_slow_s": 2,
+                      "defaults": {"partition": "debug", "time": "00:10:00", "cpus": 1}},
+            "slurm-nocb": {"scheduler": "slurm", "callback_url": None, "poll_fast_s": 0.3, "poll_slow_s": 2},
+        },
+        apps={
+            "demo": DEMO,
+            "marker-only": {**DEMO, "cluster": "slurm-nocb"},
+            "missing": {**DEMO, "cmd": ["/nonexistent/pvw-hpc/app", "--port", "${port}"]},
+            "boom": {**DEMO, "cmd": ["${python_exec}", "-c", "import sys; print('boom: no data'); sys.exit(3)"]},
+            "held": {**DEMO, "timeout": 2, "resources": {"extra_directives": ["--hold"]}},
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def apache(slurm_launcher: Launcher) -> Iterator[ApacheInstance]:
+    if skip_reason():
+        pytest.skip(str(skip_reason()))
+    probe = ApacheInstance(proxy_file=slurm_launcher.proxy_file)
+    listen = f"127.0.0.1:{probe.port}"
+    vhost = subprocess.run([PVW_HPC, "apache-config", "--config", str(slurm_launcher.config_path),
+                            "--listen", listen, "--server-name", "127.0.0.1"],
+                           capture_output=True, text=True, check=True).stdout
+    # the launcher was started with port 0: point ProxyPass at the port it got
+    vhost = vhost.replace("127.0.0.1:0/", f"127.0.0.1:{slurm_launcher.port}/")
+    probe.cleanup()
+    instance = ApacheInstance(proxy_file=slurm_launcher.proxy_file, port=int(listen.rsplit(":", 1)[1]), vhost=vhost)
+    with instance:
+        yield instance
+
+
+def launch_via(url: str, body: dict[str, Any], session: requests.Session | None = None) -> requests.Response:
+    http = session or requests
+    return http.post(url, data=json.dumps(body), headers={"Content-Type": TEXT_PLAIN}, timeout=60)
+
+
+def test_session_runs_as_a_slurm_job_behind_apache(slurm_launcher: Launcher, apache: ApacheInstance) -> None:
+    response = launch_via(f"{apache.url}/paraview/", {"application": "demo", "useUrl": True,
+                                                        "sessionManagerURL": f"{apache.url}/paraview/"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    session_id, secret = body["id"], body["secret"]
+    url = body["sessionURL"].replace("USE_HOST", f"127.0.0.1:{apache.port}")
+    result = connect_and_call(url, secret, [("demo.add", [2, 3]), ("demo.whoami", [])])
+    assert result["results"][0] == 5
+
+    info = slurm_launcher.get(session_id).json()
+    assert info["state"] == "ready" and info["cluster"] == "slurm"
+    assert {"submitted", "queued", "starting", "ready"} <= set(info["transitions"])
+    assert result["results"][1]["port"] == info["port"]
+    assert "secret" not in json.dumps(info)
+    job_id = info["job_id"]
+    assert squeue(job_id) == "RUNNING"
+    assert slurm_launcher.map_lines() == [f"{session_id} {info['host']}:{info['port']}"]
+
+    job_dir = slurm_launcher.root / "jobs" / "slurm" / session_id
+    assert stat.S_IMODE(job_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((job_dir / "job.sh").stat().st_mode) == 0o700
+    for name in ("secret", "token", "spec.json"):
+        assert stat.S_IMODE((job_dir / name).stat().st_mode) == 0o600
+    assert secret not in (job_dir / "job.sh").read_text()  # the secret stays off the script and argv
+
+    deleted = requests.delete(f"{apache.url}/paraview/{session_id}", timeout=30)
+    assert deleted.status_code == 200 and deleted.json()["state"] == "ended"
+    assert slurm_launcher.map_lines() == []
+    wait_for(lambda: squeue(job_id) in ("CANCELLED", "COMPLETED", ""), 20, "squeue to show the job cancelled")
+    with pytest.raises(InvalidStatus) as refused:
+        connect_and_call(url, secret, [("demo.add", [1, 1])])
+    assert refused.value.response.status_code == 400
+
+
+def test_marker_line_makes_it_ready_when_the_node_cannot_call_back(slurm_launcher: Launcher) -> None:
+    response = slurm_launcher.post({"application": "marker-only"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    info = slurm_launcher.get(body["id"]).json()
+    spec = json.loads((slurm_launcher.root / "jobs" / "slurm-nocb" / body["id"] / "spec.json").read_text())
+    assert spec["callback_url"] is None
+    result = connect_and_call(f"ws://{info['host']}:{info['port']}/ws", body["secret"], [("demo.add", [4, 4])])
+    assert result["results"] == [8]
+    slurm_launcher.delete(body["id"])
+
+
+@pytest.mark.parametrize(("app", "needles"), [("missing", ["cannot start", "/nonexistent/pvw-hpc/app"]),
+                                               ("boom", ["exit code 3", "boom: no data"])])
+def test_job_failing_before_ready_is_503_with_the_log_tail(slurm_launcher: Launcher, app: str,
+                                                          needles: list[str]) -> None:
+    started = time.monotonic()
+    response = slurm_launcher.post({"application": app})
+    assert response.status_code == 503
+    body = response.json()
+    assert body["state"] == "failed"
+    for needle in needles:
+        assert needle in body["error"]
+    assert time.monotonic() - started < 20  # at once, not after the 30 s timeout
+    assert slurm_launcher.get(body["id"]).json()["state"] == "failed"
+
+
+def test_outside_scancel_ends_the_session_and_removes_its_route(slurm_launcher: Launcher) -> None:
+    body = slurm_launcher.post({"application": "demo"}).json()
+    info = slurm_launcher.get(body["id"]).json()
+    assert any(line.startswith(body["id"]) for line in slurm_launcher.map_lines())
+    subprocess.run(["scancel", info["job_id"]], check=True, timeout=30)
+    wait_for(lambda: slurm_launcher.state(body["id"]) == "ended", 20, "the session to end")
+    final = slurm_launcher.get(body["id"]).json()
+    assert "CANCELLED" in final["reason"]
+    assert not any(line.startswith(body["id"]) for line in slurm_launcher.map_lines())
+
+
+def test_queued_503_sets_a_cookie_and_the_retry_waits_for_the_same_job(slurm_launcher: Launcher) -> None:
+    http = requests.Session()
+    first = launch_via(slurm_launcher.endpoint + "/", {"application": "held", "launcherRetry": [100]}, http)
+    assert first.status_code == 503
+    body = first.json()
+    assert body["state"] == "queued" and "queued" in body["error"] and "JobHeldUser" in body["error"]
+    assert http.cookies.get("pvw_hpc_pending", "").startswith(body["id"] + ".")
+    job_id = slurm_launcher.get(body["id"]).json()["job_id"]
+    subprocess.run(["scontrol", "release", job_id], check=True, timeout=30)
+    retried = launch_via(slurm_launcher.endpoint + "/", {"application": "held", "launcherRetry": [100]}, http)
+    deadline = time.monotonic() + 30
+    while retried.status_code == 503 and time.monotonic() < deadline:  # as launcherRetry would
+        retried = launch_via(slurm_launcher.endpoint + "/", {"application": "held"}, http)
+    assert retried.status_code == 200, retried.text
+    assert retried.json()["id"] == body["id"]
+    held_jobs = [s for s in slurm_launcher.sessions() if s["application"] == "held"]
+    assert len(held_jobs) == 1  # the retry did not submit a second job
+    slurm_launcher.delete(body["id"])
+
+
+def test_wait_false_answers_202_and_get_follows_it(slurm_launcher: Launcher) -> None:
+    response = slurm_launcher.post({"application": "demo", "wait": False})
+    assert response.status_code == 202
+    body = response.json()
+    assert body["state"] in ("queued", "starting") and body["job_id"] and len(body["secret"]) == 32
+    wait_for(lambda: slurm_launcher.state(body["id"]) == "ready", 30, "the session to become ready")
+    slurm_launcher.delete(body["id"])
+
+
+def test_callback_needs_the_sessions_own_token(slurm_launcher: Launcher) -> None:
+    body = slurm_launcher.post({"application": "held", "wait": False}).json()
+    url = f"{slurm_launcher.endpoint}/{body['id']}/ready"
+    wrong = requests.post(url, json={"host": "127.0.0.1", "port": 1234}, timeout=10,
+                          headers={"Authorization": "Bearer not-the-token"})
+    assert wrong.status_code == 403 and "token" in wrong.json()["error"]
+    none = requests.post(url, json={"host": "127.0.0.1", "port": 1234}, timeout=10)
+    assert none.status_code == 403
+    assert slurm_launcher.state(body["id"]) == "queued"
+    token = (slurm_launcher.root / "jobs" / "slurm" / body["id"] / "token").read_text().strip()
+    evil = requests.post(url, json={"host": "evil host\nx", "port": 1234}, timeout=10,
+                         headers={"Authorization": f"Bearer {token}"})
+    assert evil.status_code == 400
+    assert slurm_launcher.state(body["id"]) == "queued"
+    slurm_launcher.delete(body["id"])
+
+
+def test_launcher_killed_while_jobs_queue_and_run_tracks_them_after_restart(launcher: LauncherFactory) -> None:
+    live = launcher(clusters={"slurm": {"scheduler": "slurm", "poll_fast_s": 0.3}},
+                    apps={"demo": DEMO, "held": {**DEMO, "resources": {"extra_directives": ["--hold"]}}})
+    running = live.post({"application": "demo"}).json()
+    queued = live.post({"application": "held", "wait": False}).json()
+    map_before = live.map_lines()
+    live.kill9()
+    live.restart()
+    assert live.state(running["id"]) == "ready"
+    assert live.map_lines() == map_before
+    assert live.state(queued["id"]) == "queued"
+    subprocess.run(["scontrol", "release", live.get(queued["id"]).json()["job_id"]], check=True, timeout=30)
+    wait_for(lambda: live.state(queued["id"]) == "ready", 30, "the released job to become ready after restart")
+    assert len(live.map_lines()) == 2
+    info = live.get(running["id"]).json()
+    result = connect_and_call(f"ws://{info['host']}:{info['port']}/ws", running["secret"], [("demo.add", [1, 2])])
+    assert result["results"] == [3]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="stopping slurmctld needs root")
+def test_slurmctld_outage_keeps_sessions_and_refuses_new_ones_at_once(launcher: LauncherFactory) -> None:
+    live = launcher(clusters={"slurm": {"scheduler": "slurm", "poll_fast_s": 0.3, "poll_slow_s": 0.5,
+                                        "command_timeout_s": 5}},
+                    apps={"demo": DEMO})
+    body = live.post({"application": "demo"}).json()
+    pid_file = Path(os.environ.get("SLURM_CI_ROOT", "/tmp/slurm-ci")) / "run" / "slurmctld.pid"
+    os.kill(int(pid_file.read_text().strip()), 15)
+    try:
+        wait_for(lambda: "not answering" in live.post({"application": "demo"}).json().get("error", ""), 60,
+                 "launches to be refused while slurmctld is down")
+        started = time.monotonic()
+        refused = live.post({"application": "demo"})
+        assert refused.status_code == 503 and "not answering" in refused.json()["error"]
+        assert time.monotonic() - started < 2
+        time.sleep(3)
+        assert live.state(body["id"]) == "ready"  # a failed query never ends a session
+        assert any(line.startswith(body["id"]) for line in live.map_lines())
+    finally:
+        subprocess.run([str(Path(__file__).resolve().parents[1] / "schedulers/slurm/up")], check=True,
+                       capture_output=True, timeout=120, env={**os.environ, "SLURM_CI_SMOKE": "0"})
+    wait_for(lambda: live.post({"application": "demo"}).status_code == 200, 60, "launches to work again")
+    assert live.state(body["id"]) == "ready"
+
+
+def test_walltime_expiry_ends_the_session(launcher: LauncherFactory) -> None:
+    """Slurm checks limits about every 30 s, so a 1-minute job ends 60-90 s in."""
+    live = launcher(clusters={"slurm": {"scheduler": "slurm", "poll_fast_s": 0.5, "poll_slow_s": 1}},
+                    apps={"short": {**DEMO, "resources": {"time": 1}}})
+    body = live.post({"application": "short"}).json()
+    wait_for(lambda: live.state(body["id"]) in ("ended", "failed"), 150, "the walltime to expire", interval=1)
+    final = live.get(body["id"]).json()
+    assert "TIMEOUT" in final.get("reason", "") + final.get("error", "")
+    assert live.map_lines() == []
+
+
+def test_render_prints_the_exact_script_and_it_is_valid_bash(slurm_launcher: Launcher) -> None:
+    out = subprocess.run([PVW_HPC, "render", "demo", "--config", str(slurm_launcher.config_path)],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith("#!/bin/bash\n#SBATCH --job-name=pvw-")
+    assert "#SBATCH --no-requeue" in out and "#SBATCH --partition=debug" in out
+    subprocess.run(["bash", "-n"], input=out, text=True, check=True)
+    assert str(DEMO_APP) not in out  # the app's argv travels in spec.json, not in the script
