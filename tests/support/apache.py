@@ -31,7 +31,6 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Self
 
 APACHE_BIN = "/usr/sbin/apache2"
 MODULES_DIR = "/usr/lib/apache2/modules"
@@ -249,7 +248,7 @@ class ApacheInstance:
             raise RuntimeError(msg)
         return self.conf_path
 
-    def start(self) -> Self:
+    def start(self) -> ApacheInstance:
         """Write the config, start Apache in the foreground, wait for the port.
 
         Fails with ``RuntimeError`` (including the error-log tail) if Apache
@@ -339,7 +338,7 @@ class ApacheInstance:
         except OSError:
             return False
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> ApacheInstance:
         """Start on entering the ``with`` block."""
         try:
             return self.start()

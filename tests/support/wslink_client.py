@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Self
+from typing import Any
 
 import msgpack
 from websockets.sync.client import ClientConnection, connect
@@ -94,7 +94,7 @@ class WslinkClient:
         self.hello_result: dict[str, Any] | None = None
 
     @classmethod
-    def open(cls, url: str, secret: str, timeout: float = 10) -> Self:
+    def open(cls, url: str, secret: str, timeout: float = 10) -> WslinkClient:
         """Connect to ``url`` and authenticate with ``secret``.
 
         Raises :class:`WslinkError` when the hello is refused, and lets
@@ -142,7 +142,7 @@ class WslinkClient:
         else:
             self._ws.close()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> WslinkClient:
         """Context-manager support so tests never leak sockets."""
         return self
 
