@@ -437,3 +437,26 @@ def module_launcher() -> Iterator[LauncherFactory]:
         yield factory
     finally:
         factory.cleanup()
+
+
+# -- SLURM ------------------------------------------------------------------------------------
+
+
+def slurm_reason() -> str | None:
+    """Why the SLURM tests cannot run here, or None when the local cluster answers."""
+    if shutil.which("sinfo") is None:
+        return "SLURM is not installed (run schedulers/slurm/up)"
+    probe = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0 or not probe.stdout.strip():
+        return f"the local SLURM cluster is not up (run schedulers/slurm/up): {probe.stderr.strip()}"
+    return None
+
+
+# the demo app as a SLURM job; the secret reaches it through a file, not argv
+SLURM_DEMO_APP: dict[str, Any] = {
+    "cluster": "slurm",
+    "cmd": ["${python_exec}", "${demo_app}", "--host", "${host}", "--port", "${port}",
+            "--authKeyFile", "${secret_file}", "--timeout", "120"],
+    "ready_line": "Starting factory",
+}
+

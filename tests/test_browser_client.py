@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import LauncherFactory, wait_for
+from tests.conftest import SLURM_DEMO_APP, LauncherFactory, slurm_reason, wait_for
 from tests.support.browser import HeadlessChromium, StaticApache, page_dir, skip_reason, wslink_js
 
 pytestmark = [pytest.mark.apache, pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))]
@@ -44,9 +44,17 @@ def _diagnostics(browser: HeadlessChromium, apache: StaticApache) -> str:
     )
 
 
-def test_wslink_js_smartconnect_through_apache_in_chromium(launcher: LauncherFactory) -> None:
+@pytest.mark.parametrize("backend", ["local", "slurm"])
+def test_wslink_js_smartconnect_through_apache_in_chromium(launcher: LauncherFactory, backend: str) -> None:
+    """The same browser flow with the app as a local process and as a real SLURM job."""
+    if backend == "slurm" and slurm_reason() is not None:
+        pytest.skip(str(slurm_reason()))
     bundle = wslink_js()  # npm ci into the cache on first use
-    lau = launcher(session_url=SESSION_URL, ports=3)
+    if backend == "slurm":
+        lau = launcher(session_url=SESSION_URL, clusters={"slurm": {"scheduler": "slurm", "poll_fast_s": 0.5}},
+                       apps={"demo": SLURM_DEMO_APP})
+    else:
+        lau = launcher(session_url=SESSION_URL, ports=3)
     with (
         page_dir(bundle) as www,
         StaticApache(static_dir=www, proxy_file=lau.proxy_file, launcher_port=lau.port) as apache,

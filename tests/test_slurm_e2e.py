@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -20,30 +19,24 @@ import pytest
 import requests
 from websockets.exceptions import InvalidStatus
 
-from tests.conftest import DEMO_APP, TEXT_PLAIN, Launcher, LauncherFactory, wait_for
+from tests.conftest import (
+    DEMO_APP,
+    SLURM_DEMO_APP,
+    TEXT_PLAIN,
+    Launcher,
+    LauncherFactory,
+    slurm_reason,
+    wait_for,
+)
 from tests.support.apache import ApacheInstance, skip_reason
 from tests.support.wslink_client import connect_and_call
 
 PVW_HPC = str(Path(sys.executable).parent / "pvw-hpc")
 
 
-def _slurm_reason() -> str | None:
-    if shutil.which("sinfo") is None:
-        return "SLURM is not installed (run schedulers/slurm/up)"
-    probe = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
-    if probe.returncode != 0 or not probe.stdout.strip():
-        return f"the local SLURM cluster is not up (run schedulers/slurm/up): {probe.stderr.strip()}"
-    return None
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(slurm_reason() is not None, reason=str(slurm_reason()))]
 
-
-pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_slurm_reason() is not None, reason=str(_slurm_reason()))]
-
-DEMO = {
-    "cluster": "slurm",
-    "cmd": ["${python_exec}", "${demo_app}", "--host", "${host}", "--port", "${port}",
-            "--authKeyFile", "${secret_file}", "--timeout", "120"],
-    "ready_line": "Starting factory",
-}
+DEMO = SLURM_DEMO_APP
 
 
 def squeue(job_id: str) -> str:
