@@ -138,6 +138,11 @@ class MapWriter:
             self._cond.notify_all()
             return self._requested
 
+    def pending(self) -> bool:
+        """True while a requested rewrite has not reached the disk yet."""
+        with self._cond:
+            return self._thread is not None and self._written < self._requested
+
     def sync(self, timeout_s: float = 10.0) -> bool:
         """Request a rewrite and wait until it is on disk. Writes inline if no thread runs."""
         if self._thread is None:

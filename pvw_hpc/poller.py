@@ -204,6 +204,8 @@ class Poller:
     def _move(self, record: SessionRecord, to: SessionState, **fields: object) -> None:
         if self.store.transition(record.id, to, **fields):
             self.service.notify(record.id, to)
+            if to == SessionState.READY or record.state == SessionState.READY:
+                self.service.map.sync()  # the route appears (or goes) before anyone acts on the state
 
 
 def _read_markers(path: Path, scan: _LogScan) -> Iterable[tuple[str, str, int]]:

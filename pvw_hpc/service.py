@@ -204,7 +204,10 @@ class Service:
         return session_view(self._get(session_id))
 
     def get(self, session_id: str) -> dict[str, Any]:
-        return session_view(self._get(session_id))
+        record = self._get(session_id)
+        if record.state == SessionState.READY and self.map.pending():
+            self.map.sync()  # "ready" promises a route: never answer it before the line is on disk
+        return session_view(record)
 
     def list(self) -> list[dict[str, Any]]:
         return [session_view(r) for r in self.store.list()]
