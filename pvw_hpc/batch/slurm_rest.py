@@ -55,7 +55,8 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_API_VERSIONS = ("v0.0.38",)  # later versions take a differently shaped job description
 INVALID_JOB_ID = 2017  # ESLURM_INVALID_JOB_ID: the controller does not know the id
-ALREADY_DONE = 2021  # ESLURM_ALREADY_DONE: cancelling a job that already ended
+ALREADY_DONE = 2021  # ESLURM_ALREADY_DONE (not seen here: a finished job's DELETE gave 200)
+TOKEN_SYMPTOMS = {5005, -1}  # what 22.05 says to a rejected JWT: nothing about auth (HTTP 500)
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"  # the job's PATH unless the script's env sets one
 
 # sbatch option -> slurmrestd v0.0.38 job field: the options the shipped template writes
@@ -183,7 +184,10 @@ class _Answer:
             parts.append(f"{text} ({code})" if code is not None else text)
         if not parts and not isinstance(self.body, dict):
             parts.append(str(self.body).strip()[:200])
-        return f"HTTP {self.status}: {'; '.join(parts) or 'no error given'}"
+        why = f"HTTP {self.status}: {'; '.join(parts) or 'no error given'}"
+        if self.status == 500 and self.error_numbers() & TOKEN_SYMPTOMS:
+            why += " (slurmrestd 22.05 answers a bad or expired token this way)"
+        return why
 
 
 @dataclass
@@ -217,6 +221,7 @@ class SlurmRestAdapter:
     # -- the adapter interface ---------------------------------------------------------------
 
     def submit(self, script: JobScript) -> JobId:
+        """POST the script with its directives as ``job`` fields; never retried, a repeat could run it twice."""
         job = sbatch_directives(script.text)
         job.setdefault("current_working_directory", str(script.workdir))  # sbatch's default: where it runs
         job["environment"] = {**self.base_environment, **script.env}
@@ -229,6 +234,7 @@ class SlurmRestAdapter:
         raise self._error("submit", answer)
 
     def poll(self, job_ids: Collection[JobId]) -> dict[JobId, JobInfo]:
+        """One ``GET /jobs`` (it cannot filter by id) for all ids; ABSENT only from a clean, complete answer."""
         if not job_ids:
             return {}
         try:
@@ -251,7 +257,8 @@ class SlurmRestAdapter:
         return failed_query(job_ids, "no job history through slurmrestd (needs slurmdbd)") if job_ids else {}
 
     def cancel(self, job_id: JobId) -> None:
-        if not str(job_id).isdigit():
+        """``DELETE /job/ID``, which slurmctld treats like scancel; error 2017 means the job is already gone."""
+        if not str(job_id).isdigit():  # it goes into the URL path
             raise BatchError(f"not a Slurm job id: {job_id!r}")
         answer = self._call("DELETE", f"job/{job_id}")
         if answer.status == 200 and not answer.errors:
