@@ -32,7 +32,7 @@ RESOURCE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "account": (lambda v: isinstance(v, str) and bool(_NAME.match(v)), "a name of letters, digits, _.+-"),
     "qos": (lambda v: isinstance(v, str) and bool(_NAME.match(v)), "a name of letters, digits, _.+-"),
     "time": (lambda v: (_is_int(v) and v > 0) or (isinstance(v, str) and bool(_TIME.match(v))),
-             "minutes, or [D-]HH[:MM[:SS]]"),
+             "as sbatch --time reads it: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"),
     "nodes": (lambda v: _is_int(v) and 1 <= v <= 100000, "an integer >= 1"),
     "cpus": (lambda v: _is_int(v) and 1 <= v <= 100000, "an integer >= 1"),
     "gpus": (lambda v: _is_int(v) and 0 <= v <= 1024, "an integer >= 0"),
@@ -195,6 +195,9 @@ def _check_rest(raw: Any, path: str, error: Report) -> RestAccess | None:
         error(f"{path}.token_file", "must be a path")
         return None
     version = raw.get("api_version", "v0.0.38")
+    if version != "v0.0.38":
+        error(f"{path}.api_version", "only v0.0.38 (Slurm 22.05's slurmrestd) is supported")
+        return None
     return RestAccess(url=url.rstrip("/"), user=user, token_file=token_file, api_version=version)
 
 

@@ -32,14 +32,17 @@ def test_parse_submit() -> None:
 
 
 def test_parse_queue_maps_states_nodes_reasons_and_exit_codes() -> None:
-    ids = [JobId(i) for i in ("5", "6", "7", "9", "13", "404")]
+    ids = [JobId(i) for i in ("3264", "3266", "3267", "3268", "3269", "404")]
     jobs = parse_queue((FIXTURES / "squeue_all.txt").read_text(), ids)
-    assert jobs[JobId("5")].state == JobState.HELD and jobs[JobId("5")].reason == "JobHeldUser"
-    assert jobs[JobId("5")].node is None and jobs[JobId("5")].start_estimate is None
-    assert jobs[JobId("6")].state == JobState.RUNNING and jobs[JobId("6")].node == "vm"
-    assert jobs[JobId("7")].state == JobState.FAILED and jobs[JobId("7")].exit_code == 3
-    assert jobs[JobId("9")].state == JobState.QUEUED and jobs[JobId("9")].start_estimate is not None
-    assert jobs[JobId("13")].state == JobState.COMPLETED and jobs[JobId("13")].exit_code == 128 + 15
+    held = jobs[JobId("3264")]
+    assert held.state == JobState.HELD and held.reason == "JobHeldUser"
+    assert held.node is None and held.start_estimate is None
+    assert jobs[JobId("3266")].state == JobState.RUNNING and jobs[JobId("3266")].node == "vm"
+    assert jobs[JobId("3267")].state == JobState.FAILED and jobs[JobId("3267")].exit_code == 3
+    later = jobs[JobId("3268")]  # held, --begin in 10 minutes, named "a|b"
+    assert later.state == JobState.HELD and later.start_estimate is not None
+    assert jobs[JobId("3269")].state == JobState.COMPLETED and jobs[JobId("3269")].exit_code == 128 + 15
+    assert jobs[JobId("3269")].native_state == "CANCELLED"
     assert jobs[JobId("404")].presence == Presence.ABSENT
 
 

@@ -47,7 +47,8 @@ STATE_MAP: dict[str, JobState] = {
 }
 HELD_REASONS = frozenset({"JobHeldUser", "JobHeldAdmin"})
 
-SQUEUE_FIELDS = ("JobID", "State", "Reason", "NodeList", "exit_code", "StartTime", "Name")
+# BatchHost, not NodeList: the node the script (and so the app) runs on, never a hostlist like n[1-2]
+SQUEUE_FIELDS = ("JobID", "State", "Reason", "BatchHost", "exit_code", "StartTime", "Name")
 SQUEUE_FORMAT = ",".join(f"{name}:|" for name in SQUEUE_FIELDS)
 SACCT_FIELDS = ("JobID", "State", "ExitCode", "NodeList", "End")
 _SUBMIT_RE = re.compile(r"^(\d+)(?:;\S+)?\s*$")
@@ -102,7 +103,7 @@ def parse_queue(stdout: str, job_ids: Collection[JobId]) -> dict[JobId, JobInfo]
         state = _state(state_word, reason_text)
         found[JobId(job_id)] = JobInfo(
             job_id=JobId(job_id), presence=Presence.FOUND, state=state, native_state=state_word,
-            node=nodes.split(",")[0] or None, reason=reason_text,
+            node=None if nodes in ("", "n/a", "(null)") else nodes, reason=reason_text,
             exit_code=_wait_status(exit_code) if state.is_final else None,
             start_estimate=_time(start) if state in (JobState.QUEUED, JobState.HELD) else None,
             raw=line,
