@@ -22,7 +22,7 @@ from .batch.base import JobId, JobInfo, JobState, Presence
 from .local import log_tail
 from .service import Service
 from .states import SessionState
-from .store import SessionRecord
+from .store import TrackedJob
 from .validate import is_valid_host, is_valid_port
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class Poller:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.cycles = 0
+        self.moves = 0  # state changes made, for tests and benchmarks
 
     def start(self) -> None:
         if self._thread is None and self.service.adapters:
@@ -82,57 +83,61 @@ class Poller:
         self.cycles += 1
         intervals = []
         for name, cluster in self.service.config.clusters.items():
-            sessions = self.store.active(backend=name)
-            if not sessions:
+            jobs = self.store.tracked(name)
+            if not jobs:
                 if name in self.service.unreachable:  # nothing to poll: ask the queue whether it is back
-                    sessions_probe = self.service.adapters[name].poll([JobId("0")])
-                    if all(i.presence != Presence.QUERY_FAILED for i in sessions_probe.values()):
+                    probe = self.service.adapters[name].poll([JobId("0")])
+                    if all(i.presence != Presence.QUERY_FAILED for i in probe.values()):
                         self.service.unreachable.pop(name, None)
                 self._failures.pop(name, None)
                 intervals.append(cluster.poll_fast_s if name in self.service.unreachable else cluster.poll_slow_s)
                 continue
-            ok, why = self._poll_cluster(name, sessions)
+            ok, why, busy = self._poll_cluster(name, jobs)
             if ok:
                 self._failures.pop(name, None)
                 self.service.unreachable.pop(name, None)
+                intervals.append(cluster.poll_fast_s if busy else cluster.poll_slow_s)
             else:
                 self._failures[name] = self._failures.get(name, 0) + 1
                 self.service.unreachable[name] = why
                 log.warning("cluster %s: scheduler query failed (%d in a row): %s", name, self._failures[name], why)
-            busy = any(s.state != SessionState.READY for s in self.store.active(backend=name))
-            interval = cluster.poll_fast_s if busy else cluster.poll_slow_s
-            if not ok:
-                interval = min(MAX_BACKOFF_S, cluster.poll_fast_s * 2 ** self._failures[name])
-            intervals.append(interval)
+                intervals.append(min(MAX_BACKOFF_S, cluster.poll_fast_s * 2 ** self._failures[name]))
         return min(intervals, default=10.0)
 
-    def _poll_cluster(self, name: str, sessions: list[SessionRecord]) -> tuple[bool, str]:
+    def _poll_cluster(self, name: str, jobs: list[TrackedJob]) -> tuple[bool, str, bool]:
+        """One queue query for all of a cluster's jobs; returns (query ok, why not, anything not ready)."""
         adapter = self.service.adapters[name]
-        with_jobs = [s for s in sessions if s.job_id]
-        infos = adapter.poll([JobId(s.job_id) for s in with_jobs if s.job_id])
+        with_ids = [j for j in jobs if j.job_id]
+        infos = adapter.poll([JobId(j.job_id) for j in with_ids if j.job_id])
         failed = [i for i in infos.values() if i.presence == Presence.QUERY_FAILED]
-        absent = []
-        for record in with_jobs:
-            info = infos[JobId(record.job_id or "")]
+        bookkeeping: list[tuple[str, dict[str, object]]] = []
+        absent, waiting = [], set()
+        moves_before = self.moves
+        for job in with_ids:
+            info = infos[JobId(job.job_id or "")]
             if info.presence == Presence.FOUND:
-                self._apply(record, info)
+                changed = {"native_state": info.native_state, "scheduler_reason": info.reason,
+                           "start_estimate": info.start_estimate}
+                if any(getattr(job, k) != v for k, v in changed.items()):
+                    bookkeeping.append((job.id, changed))
+                self._apply(job, info)
+                if info.state in (JobState.QUEUED, JobState.HELD):
+                    waiting.add(job.id)  # it has not run: no ready marker to look for
             elif info.presence == Presence.ABSENT:
-                absent.append(record)
+                absent.append(job)
+        self.store.update_many(bookkeeping)
         if absent:
             self._confirm_absent(name, absent)
-        for record in self.store.active(backend=name):
-            if record.state in (SessionState.QUEUED, SessionState.STARTING):
-                self._check_marker(record)
-        return not failed, (failed[0].reason or "query failed") if failed else ""
+        busy = False
+        # re-read only when this cycle changed something: at 1000 idle jobs a read is most of the cost
+        for job in self.store.tracked(name) if (absent or self.moves != moves_before) else jobs:
+            if job.state in (SessionState.QUEUED, SessionState.STARTING) and job.id not in waiting:
+                self._check_marker(job)
+            busy = busy or job.state != SessionState.READY
+        return not failed, (failed[0].reason or "query failed") if failed else "", busy
 
-    def _apply(self, record: SessionRecord, info: JobInfo) -> None:
+    def _apply(self, record: TrackedJob, info: JobInfo) -> None:
         """Move one session according to what the scheduler says about its job."""
-        changed = {
-            "native_state": info.native_state, "scheduler_reason": info.reason,
-            "start_estimate": info.start_estimate,
-        }
-        if any(getattr(record, k) != v for k, v in changed.items()):
-            self.store.update(record.id, **changed)
         state = info.state
         if state in (JobState.QUEUED, JobState.HELD):
             if record.state in (SessionState.STARTING, SessionState.READY):  # requeued: the old node is gone
@@ -146,7 +151,7 @@ class Poller:
         elif state is not None and state.is_final:
             self._finish(record, info)
 
-    def _confirm_absent(self, cluster: str, records: list[SessionRecord]) -> None:
+    def _confirm_absent(self, cluster: str, records: list[TrackedJob]) -> None:
         """A job gone from the queue ends its session only when something confirms it ended."""
         unconfirmed = []
         for record in records:
@@ -167,7 +172,7 @@ class Poller:
                 log.warning("job %s of session %s is not in the queue and not confirmed ended; keeping it",
                             record.job_id, record.id)
 
-    def _finish(self, record: SessionRecord, info: JobInfo) -> None:
+    def _finish(self, record: TrackedJob, info: JobInfo) -> None:
         exit_code = _read_exit_code(record)
         if exit_code is None:
             exit_code = info.exit_code
@@ -188,7 +193,7 @@ class Poller:
             self._move(record, SessionState.FAILED, exit_code=exit_code, error=error)
         self._scans.pop(record.id, None)
 
-    def _check_marker(self, record: SessionRecord) -> None:
+    def _check_marker(self, record: TrackedJob) -> None:
         """The job side's marker line in the job log: the fallback when callbacks cannot reach us."""
         if not record.log_path:
             return
@@ -201,8 +206,9 @@ class Poller:
             self._move(record, SessionState.READY, host=host, port=port)
             return
 
-    def _move(self, record: SessionRecord, to: SessionState, **fields: object) -> None:
+    def _move(self, record: TrackedJob, to: SessionState, **fields: object) -> None:
         if self.store.transition(record.id, to, **fields):
+            self.moves += 1
             self.service.notify(record.id, to)
             if to == SessionState.READY or record.state == SessionState.READY:
                 self.service.map.sync()  # the route appears (or goes) before anyone acts on the state
@@ -224,7 +230,7 @@ def _read_markers(path: Path, scan: _LogScan) -> Iterable[tuple[str, str, int]]:
     return found
 
 
-def _read_exit_code(record: SessionRecord) -> int | None:
+def _read_exit_code(record: TrackedJob) -> int | None:
     if not record.job_dir:
         return None
     try:

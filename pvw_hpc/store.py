@@ -153,6 +153,20 @@ class SessionRecord:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class TrackedJob:
+    """The few columns the poller needs per batch session: read thousands of times a minute."""
+
+    id: str
+    state: SessionState
+    job_id: str | None
+    job_dir: str | None
+    log_path: str | None
+    native_state: str | None
+    scheduler_reason: str | None
+    start_estimate: dt.datetime | None
+
+
 class PortTaken(Exception):
     """Another active session already holds this host:port."""
 
@@ -240,6 +254,26 @@ class Store:
 
     def active(self, backend: str | None = None) -> list[SessionRecord]:
         return self.list(ACTIVE_STATES, backend=backend)
+
+    def tracked(self, backend: str) -> list[TrackedJob]:
+        """Active sessions of one cluster, narrow (no JSON columns, few timestamps)."""
+        cols = [sessions.c[f.name] for f in dataclasses.fields(TrackedJob)]
+        query = select(*cols).where(
+            sessions.c.backend == backend, sessions.c.state.in_([s.value for s in ACTIVE_STATES])
+        )
+        with self.engine.connect() as conn:
+            return [TrackedJob(r[0], SessionState(r[1]), *r[2:]) for r in conn.execute(query)]
+
+    def update_many(self, changes: list[tuple[str, dict[str, Any]]]) -> None:
+        """Change non-state fields of many sessions in one transaction (the poller's bookkeeping)."""
+        if not changes:
+            return
+        now = utcnow()
+        with self.engine.begin() as conn:
+            for session_id, fields in changes:
+                if "state" in fields:
+                    raise ValueError("use transition() to change state")
+                conn.execute(update(sessions).where(sessions.c.id == session_id).values(**fields, updated_at=now))
 
     def held_ports(self, host: str) -> set[int]:
         query = select(sessions.c.port).where(sessions.c.host == host, sessions.c.holds_port.is_(True))

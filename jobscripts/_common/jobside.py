@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 MARKER = "PVW-HPC-READY"
 SENTINELS = ("@@pvw-host@@", "@@pvw-port@@", "@@pvw-secret@@", "@@pvw-secret-file@@")
@@ -27,12 +26,13 @@ SENTINELS = ("@@pvw-host@@", "@@pvw-port@@", "@@pvw-secret@@", "@@pvw-secret-fil
 
 def node_address(mode, callback_url):
     """The address the front end should use to reach this node."""
+    import urllib.parse  # imported late: every ms before the app starts delays the session
     if mode == "hostname":
         return socket.gethostname()
     if mode == "fqdn":
         return socket.getfqdn()
     if callback_url:  # the address of the interface that routes to the launcher (UDP connect sends nothing)
-        host = urllib.request.urlparse(callback_url).hostname
+        host = urllib.parse.urlparse(callback_url).hostname
         try:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
                 probe.connect((host, 9))
@@ -67,6 +67,7 @@ def write_atomic(path, text):
 
 def call_back(url, token, host, port):
     """Tell the launcher where we are; failures are fine, the marker line is the fallback."""
+    import urllib.request  # ~30 ms to import: only once the app is up
     body = json.dumps({"host": host, "port": port}).encode()
     for attempt in range(3):
         request = urllib.request.Request(url, data=body, method="POST", headers={

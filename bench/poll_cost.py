@@ -1,0 +1,479 @@
+"""Poll cost: scheduler calls and launcher CPU per poll cycle with 1, 100 and 1000 tracked SLURM jobs.
+
+Why this exists: the poller follows every batch session until it ends, so its
+cost grows with the number of sessions a launcher tracks. A site with many
+users queued at once must not see one ``squeue`` per job (that hammers the
+controller, which every user of the cluster shares) nor a launcher that burns
+a core polling. The issue sets the target "1 scheduler call per cycle at every
+N, and <= 20 ms launcher CPU per cycle at 1000 tracked jobs".
+
+How: a real :class:`pvw_hpc.service.Service` is built in this process on a
+temp config with one SLURM cluster (its SQLite store on disk, as ``serve``
+uses; the map writer and local monitor threads are not started, so the
+process's CPU time is the poller's). Real held SLURM jobs are submitted
+(``sbatch -H --wrap 'sleep 1'``: they never run, so they stay queued and need
+no CPUs), and one session row per job is written the way
+``Service._launch_batch`` writes it (create, job id, QUEUED), so the poller
+tracks them exactly as it would live launches. For each N the bench grows the
+set to N sessions, runs one warm-up cycle (it records every new job's
+scheduler state and reason: one write per new row, a one-off reported apart)
+and then ``--cycles`` measured :meth:`Poller.tick` calls, each timed for:
+
+* scheduler calls: calls of the cluster adapter's command runner, by command;
+* subprocesses: every process any code in this process started during the
+  cycle (``subprocess.Popen`` is counted while the cycle runs), which also
+  catches retries and anything outside the runner;
+* launcher CPU: ``time.process_time()`` around the tick (this process only,
+  all threads; the child ``squeue``'s CPU is not in it);
+* scheduler time: wall time spent inside the runner (``squeue`` itself and the
+  controller answering it), and the children's CPU from ``getrusage(RUSAGE_CHILDREN)``;
+* wall time of the whole cycle.
+
+Medians over the measured cycles are reported. ``--profile`` also runs
+cProfile around one more cycle at the largest N and prints where its time goes.
+
+The numbers are reported, not asserted: exit code 0 whether or not a target is
+met, 1 when something broke, 130 when interrupted (Ctrl-C, SIGTERM, SIGHUP).
+
+Other people use the same cluster, so cleanup cancels only this run's jobs:
+every id it got back from ``sbatch``, plus any job still carrying this run's
+unique job name (an ``sbatch`` interrupted before it printed its id), in
+batches of ids -- on success, error and Ctrl-C alike. The temp dir is removed.
+
+Usage::
+
+    .venv/bin/python bench/poll_cost.py [--sizes 1,100,1000] [--cycles 5] [--profile] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import hashlib
+import io
+import json
+import os
+import pstats
+import resource
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from pvw_hpc import jobs
+from pvw_hpc.batch.runner import CommandRunner, Result
+from pvw_hpc.config import load_dict
+from pvw_hpc.poller import Poller
+from pvw_hpc.service import Service
+from pvw_hpc.states import SessionState
+from pvw_hpc.substitute import render
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_APP = REPO / "examples" / "demo" / "app.py"
+CLUSTER = "bench-slurm"
+PARTITION = "debug"
+DEFAULT_SIZES = (1, 100, 1000)
+TARGET_CALLS = 1
+TARGET_CPU_MS = 20.0
+TARGET_CPU_AT = 1000
+SUBMIT_THREADS = 8
+CANCEL_BATCH = 200
+
+
+class BenchError(Exception):
+    """Something broke: the run cannot produce a trustworthy number."""
+
+
+def run_quiet(argv: list[str], timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run a SLURM command, capturing its output; never raises for a non-zero exit."""
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False)
+
+
+def slurm_problem() -> str | None:
+    """Why the local SLURM cluster cannot be used, or None when it answers."""
+    for tool in ("sbatch", "squeue", "scancel", "sinfo"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (run schedulers/slurm/up)"
+    probe = run_quiet(["sinfo", "-h", "-p", PARTITION, "-o", "%T"], timeout_s=30)
+    if probe.returncode != 0 or not probe.stdout.strip():
+        return f"partition {PARTITION!r} does not answer (run schedulers/slurm/up): {probe.stderr.strip()}"
+    return None
+
+
+# -- the held jobs ---------------------------------------------------------------------------
+
+
+@dataclass
+class HeldJobs:
+    """The held SLURM jobs this run submitted; ``cancel_all`` removes every one of them."""
+
+    name: str = field(default_factory=lambda: f"pvw-bench-poll-{uuid.uuid4().hex[:12]}")
+    ids: list[str] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _submit_one(self) -> str:
+        argv = ["sbatch", "--parsable", "-H", "-J", self.name, "-p", PARTITION, "-t", "1", "-n", "1",
+                "--no-requeue", "-o", "/dev/null", "--wrap", "sleep 1"]
+        done = run_quiet(argv, timeout_s=30)
+        if done.returncode != 0:
+            raise BenchError(f"sbatch -H failed ({done.returncode}): {done.stderr.strip()}")
+        job_id = done.stdout.strip().split(";")[0]
+        if not job_id.isdigit():
+            raise BenchError(f"unexpected sbatch output: {done.stdout!r}")
+        with self._lock:
+            self.ids.append(job_id)
+        return job_id
+
+    def submit(self, count: int) -> float:
+        """Submit ``count`` more held jobs (a few sbatch at a time); returns the seconds it took."""
+        started = time.perf_counter()
+        pool = ThreadPoolExecutor(max_workers=SUBMIT_THREADS)
+        try:
+            futures = [pool.submit(self._submit_one) for _ in range(count)]
+            for future in as_completed(futures):
+                future.result()
+        finally:  # on an error or Ctrl-C: no new sbatch; the few running ones finish and are recorded
+            pool.shutdown(wait=True, cancel_futures=True)
+        return time.perf_counter() - started
+
+    def cancel_all(self) -> list[str]:
+        """scancel our ids in batches, then any job still named like ours; returns problems."""
+        problems: list[str] = []
+        with contextlib.suppress(Exception):
+            listed = run_quiet(["squeue", "-h", "-n", self.name, "-o", "%i"], timeout_s=30)
+            if listed.returncode == 0:
+                with self._lock:
+                    known = set(self.ids)
+                    self.ids.extend(j for j in listed.stdout.split() if j not in known)
+        with self._lock:
+            ids = list(self.ids)
+        for start in range(0, len(ids), CANCEL_BATCH):
+            batch = ids[start:start + CANCEL_BATCH]
+            try:
+                done = run_quiet(["scancel", *batch])
+                if done.returncode != 0:
+                    problems.append(f"scancel of {len(batch)} jobs from {batch[0]}: {done.stderr.strip()[:300]}")
+            except (OSError, subprocess.SubprocessError) as exc:
+                problems.append(f"scancel of {len(batch)} jobs from {batch[0]}: {exc}")
+        with contextlib.suppress(Exception):  # what is still waiting after that?
+            left = run_quiet(["squeue", "-h", "-n", self.name, "-t", "PENDING,RUNNING", "-o", "%i"], timeout_s=30)
+            if left.stdout.split():
+                problems.append(f"{len(left.stdout.split())} job(s) named {self.name} still queued")
+        return problems
+
+
+# -- counting what a cycle does --------------------------------------------------------------
+
+
+@dataclass
+class CycleMeter:
+    """Counts scheduler calls (through the runner) and every subprocess started during a cycle."""
+
+    runner: CommandRunner
+    calls: Counter[str] = field(default_factory=Counter)
+    scheduler_s: float = 0.0
+    spawned: int = 0
+
+    def install(self) -> None:
+        original = self.runner.run
+
+        def counted_run(argv: Sequence[str], **kwargs: Any) -> Result:
+            self.calls[os.path.basename(argv[0])] += 1
+            started = time.perf_counter()
+            try:
+                return original(argv, **kwargs)
+            finally:
+                self.scheduler_s += time.perf_counter() - started
+
+        self.runner.run = counted_run  # type: ignore[method-assign]
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.scheduler_s = 0.0
+        self.spawned = 0
+
+    @contextlib.contextmanager
+    def counting_subprocesses(self) -> Iterator[None]:
+        """While active, every ``subprocess.Popen`` (``subprocess.run`` uses it) adds one to ``spawned``."""
+        original = subprocess.Popen
+        meter = self
+
+        class CountedPopen(original):  # type: ignore[valid-type,misc]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                meter.spawned += 1
+                super().__init__(*args, **kwargs)
+
+        subprocess.Popen = CountedPopen  # type: ignore[misc]
+        try:
+            yield
+        finally:
+            subprocess.Popen = original  # type: ignore[misc]
+
+
+@dataclass
+class Cycle:
+    """What one poll cycle cost."""
+
+    calls: dict[str, int]
+    subprocesses: int
+    cpu_ms: float
+    wall_ms: float
+    scheduler_ms: float
+    scheduler_cpu_ms: float
+
+    @property
+    def total_calls(self) -> int:
+        return sum(self.calls.values())
+
+
+def measure_tick(poller: Poller, meter: CycleMeter) -> Cycle:
+    """Run one :meth:`Poller.tick` and meter it."""
+    meter.reset()
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with meter.counting_subprocesses():
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        poller.tick()
+        cpu1, wall1 = time.process_time(), time.perf_counter()
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child_cpu = (children_after.ru_utime + children_after.ru_stime
+                 - children_before.ru_utime - children_before.ru_stime)
+    return Cycle(calls=dict(meter.calls), subprocesses=meter.spawned, cpu_ms=(cpu1 - cpu0) * 1000,
+                 wall_ms=(wall1 - wall0) * 1000, scheduler_ms=meter.scheduler_s * 1000,
+                 scheduler_cpu_ms=child_cpu * 1000)
+
+
+# -- the launcher side -----------------------------------------------------------------------
+
+
+def build_service(root: Path) -> Service:
+    """A Service on a temp config with one SLURM cluster and the demo app on it (threads not started)."""
+    raw = {
+        "configuration": {
+            "host": "127.0.0.1", "port": 0, "endpoint": "paraview",
+            "proxy_file": str(root / "proxy.txt"), "sessionURL": "ws://${host}:${port}/ws",
+            "timeout": 30, "log_dir": str(root / "logs"), "fields": ["host", "port"],
+        },
+        "resources": [],
+        "properties": {"python_exec": sys.executable, "demo_app": str(DEMO_APP)},
+        "clusters": {
+            CLUSTER: {"scheduler": "slurm", "access": "cli", "job_dir": str(root / "jobs"),
+                      "callback_url": "http://127.0.0.1:9/paraview",
+                      "defaults": {"partition": PARTITION, "time": "00:10:00", "cpus": 1}},
+        },
+        "apps": {
+            "demo": {"cluster": CLUSTER,
+                     "cmd": ["${python_exec}", "${demo_app}", "--host", "${host}", "--port", "${port}",
+                             "--authKeyFile", "${secret_file}", "--timeout", "300"],
+                     "ready_line": "Starting factory"},
+        },
+    }
+    return Service(load_dict(raw, source="bench/poll_cost.py"))
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def track(service: Service, job_ids: Sequence[str]) -> None:
+    """One QUEUED session row per job, written as ``Service._launch_batch`` writes it."""
+    app = service.config.apps["demo"]
+    cluster = service.config.clusters[CLUSTER]
+    for job_id in job_ids:
+        session_id = str(uuid.uuid4())
+        rendered = render(service.config, app, {}, {"id": session_id, **jobs.SENTINELS})
+        files = jobs.job_files(cluster, session_id)
+        service.store.create(
+            id=session_id, application=app.name, backend=CLUSTER, holds_port=False, secret=secrets.token_hex(16),
+            argv=list(rendered.argv), session_url=rendered.session_url, public={}, return_secret=True,
+            log_path=str(files.log), job_dir=str(files.dir), token_hash=_sha256(secrets.token_urlsafe(32)),
+            attach_hash=_sha256(secrets.token_urlsafe(24)),
+        )
+        service.store.update(session_id, job_id=job_id)
+        if not service.store.transition(session_id, SessionState.QUEUED):
+            raise BenchError(f"session {session_id} did not move to queued")
+
+
+def profile_tick(poller: Poller, top: int = 25) -> str:
+    """cProfile one cycle; the ``top`` functions by cumulative and by own time."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    poller.tick()
+    profiler.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out).strip_dirs()
+    stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def summarize(n: int, first: Cycle, cycles: Sequence[Cycle]) -> dict[str, Any]:
+    calls_by_cmd: Counter[str] = Counter()
+    for cycle in cycles:
+        calls_by_cmd.update(cycle.calls)
+    return {
+        "n": n,
+        "cycles": len(cycles),
+        "calls_per_cycle": statistics.median(c.total_calls for c in cycles),
+        "max_calls_per_cycle": max(c.total_calls for c in cycles),
+        "calls_by_command": dict(calls_by_cmd),
+        "subprocesses_per_cycle": statistics.median(c.subprocesses for c in cycles),
+        "cpu_ms": round(statistics.median(c.cpu_ms for c in cycles), 2),
+        "max_cpu_ms": round(max(c.cpu_ms for c in cycles), 2),
+        "wall_ms": round(statistics.median(c.wall_ms for c in cycles), 2),
+        "scheduler_ms": round(statistics.median(c.scheduler_ms for c in cycles), 2),
+        "scheduler_cpu_ms": round(statistics.median(c.scheduler_cpu_ms for c in cycles), 2),
+        "samples_cpu_ms": [round(c.cpu_ms, 2) for c in cycles],
+        "first_cycle": {"calls": first.total_calls, "subprocesses": first.subprocesses,
+                        "cpu_ms": round(first.cpu_ms, 2), "wall_ms": round(first.wall_ms, 2)},
+    }
+
+
+def report(rows: list[dict[str, Any]], submit_s: float, jobs_submitted: int, cycles: int) -> dict[str, Any]:
+    """Print the table and the verdicts; return the JSON summary."""
+    calls_ok = all(r["max_calls_per_cycle"] == TARGET_CALLS for r in rows)
+    at_target = [r for r in rows if r["n"] == TARGET_CPU_AT]
+    cpu_ok = at_target[0]["cpu_ms"] <= TARGET_CPU_MS if at_target else None
+    print(f"poll cost: {cycles} measured cycles per N (after 1 warm-up cycle), held SLURM jobs, "
+          f"partition {PARTITION}; {jobs_submitted} jobs submitted in {submit_s:.1f} s")
+    print(f"{'N':>6}{'calls':>7}{'procs':>7}{'CPU ms':>9}{'max CPU':>9}{'wall ms':>9}{'sched ms':>10}"
+          f"{'sched CPU':>11}   first cycle: calls / CPU ms / wall ms")
+    for r in rows:
+        f = r["first_cycle"]
+        print(f"{r['n']:>6}{r['calls_per_cycle']:>7g}{r['subprocesses_per_cycle']:>7g}{r['cpu_ms']:>9.2f}"
+              f"{r['max_cpu_ms']:>9.2f}{r['wall_ms']:>9.2f}{r['scheduler_ms']:>10.2f}{r['scheduler_cpu_ms']:>11.2f}"
+              f"   {f['calls']} / {f['cpu_ms']:.2f} / {f['wall_ms']:.2f}")
+    print("  calls: scheduler commands run through the adapter's runner per cycle (median); procs: every "
+          "subprocess started")
+    print("  CPU: launcher process CPU (process_time) per cycle; sched ms / sched CPU: wall and CPU of the "
+          "scheduler commands (not in CPU)")
+    for r in rows:
+        print(f"  N={r['n']}: commands over the measured cycles: {r['calls_by_command']}")
+    print(f"target {TARGET_CALLS} scheduler call per cycle at every N: {'met' if calls_ok else 'NOT met'}")
+    if cpu_ok is None:
+        print(f"target <= {TARGET_CPU_MS:.0f} ms CPU per cycle at N={TARGET_CPU_AT}: not measured (N not in --sizes)")
+    else:
+        print(f"target <= {TARGET_CPU_MS:.0f} ms CPU per cycle at N={TARGET_CPU_AT}: "
+              f"{'met' if cpu_ok else 'NOT met'} ({at_target[0]['cpu_ms']:.2f} ms)")
+    return {"sizes": rows, "submit_s": round(submit_s, 2), "target_calls": TARGET_CALLS,
+            "target_cpu_ms": TARGET_CPU_MS, "calls_target_met": calls_ok, "cpu_target_met": cpu_ok}
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
+    """SIGTERM/SIGHUP behave like Ctrl-C, so the ``finally`` cleanup runs."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def run_environment() -> Iterator[tuple[HeldJobs, Path]]:
+    """The held-job tracker and a temp dir, cleaned up however the run ends."""
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupt)
+    held = HeldJobs()
+    root = Path(tempfile.mkdtemp(prefix="pvw-hpc-bench-poll-", dir="/tmp"))
+    try:
+        yield held, root
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second Ctrl-C must not cut it short
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            for problem in held.cancel_all():
+                print(f"cleanup: {problem}", file=sys.stderr)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+
+def parse_sizes(text: str) -> list[int]:
+    try:
+        sizes = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not sizes or sizes[0] < 1:
+        raise argparse.ArgumentTypeError("sizes must be integers >= 1")
+    return sizes
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--sizes", type=parse_sizes, default=list(DEFAULT_SIZES),
+                        help="numbers of tracked jobs to measure (default 1,100,1000)")
+    parser.add_argument("--cycles", type=int, default=5, help="measured cycles per size (default 5)")
+    parser.add_argument("--profile", action="store_true", help="cProfile one more cycle at the largest size")
+    parser.add_argument("--json", action="store_true", help="also print a JSON summary")
+    args = parser.parse_args(argv)
+    if args.cycles < 1:
+        parser.error("--cycles must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    problem = slurm_problem()
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    service: Service | None = None
+    try:
+        with run_environment() as (held, root):
+            submit_s = held.submit(max(args.sizes))
+            job_ids = sorted(held.ids, key=int)
+            service = build_service(root)
+            poller = Poller(service)
+            meter = CycleMeter(service.adapters[CLUSTER].runner)  # type: ignore[attr-defined]
+            meter.install()
+            rows = []
+            tracked = 0
+            for n in args.sizes:
+                track(service, job_ids[tracked:n])
+                tracked = n
+                first = measure_tick(poller, meter)
+                cycles = [measure_tick(poller, meter) for _ in range(args.cycles)]
+                states = Counter(r.state.value for r in service.store.active(backend=CLUSTER))
+                if states != Counter({SessionState.QUEUED.value: n}):
+                    raise BenchError(f"expected {n} queued sessions after the cycles, found {dict(states)}")
+                rows.append(summarize(n, first, cycles))
+            summary = report(rows, submit_s, len(held.ids), args.cycles)
+            if args.profile:
+                print(f"\ncProfile of one more cycle at N={args.sizes[-1]}:")
+                print(profile_tick(poller))
+            if args.json:
+                print(json.dumps(summary, indent=2))
+            service.close()
+            service = None
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; cleaned up", file=sys.stderr)
+        return 130
+    finally:
+        if service is not None:
+            with contextlib.suppress(Exception):
+                service.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
