@@ -444,6 +444,8 @@ def write_config(root: Path) -> Path:
                 "access": "cli",
                 "job_dir": str(root / "jobs"),
                 "callback_url": "auto",
+                # the job side needs only the standard library: an absolute system python starts fastest
+                "python": "/usr/bin/python3",
                 "defaults": {"partition": PARTITION, "time": JOB_TIME, "cpus": 1},
             },
         },

@@ -401,7 +401,8 @@ class LauncherFactory:
             config["sessionData"] = session_data
         if clusters is not None:  # batch clusters: job folders go under this launcher's root
             config["clusters"] = {
-                name: {"job_dir": str(root / "jobs" / name), "callback_url": "auto", **cluster}
+                name: {"job_dir": str(root / "jobs" / name), "callback_url": "auto", "python": "/usr/bin/python3",
+                       **cluster}
                 for name, cluster in clusters.items()
             }
         launcher = Launcher(root, config)

@@ -250,6 +250,27 @@ def test_slurmctld_outage_keeps_sessions_and_refuses_new_ones_at_once(launcher: 
     assert live.state(body["id"]) == "ready"
 
 
+def test_a_requeued_job_goes_back_to_queued_and_is_routed_only_on_its_new_port(launcher: LauncherFactory) -> None:
+    live = launcher(clusters={"slurm": {"scheduler": "slurm", "requeue": True, "poll_fast_s": 0.3}},
+                    apps={"demo": DEMO})
+    body = live.post({"application": "demo"}).json()
+    first = live.get(body["id"]).json()
+    script = (live.root / "jobs" / "slurm" / body["id"] / "job.sh").read_text()
+    assert "--no-requeue" not in script
+    subprocess.run(["scontrol", "requeue", first["job_id"]], check=True, timeout=30)
+    wait_for(lambda: live.state(body["id"]) in ("queued", "starting"), 20, "the requeued session to leave ready")
+    assert not any(line.startswith(body["id"]) for line in live.map_lines())
+    # Slurm holds a requeued job back for about two minutes (Reason=BeginTime); let it start now
+    wait_for(lambda: squeue(first["job_id"]) == "PENDING", 20, "the job to be pending again")
+    subprocess.run(["scontrol", "update", f"jobid={first['job_id']}", "StartTime=now"], check=True, timeout=30)
+    wait_for(lambda: live.state(body["id"]) == "ready", 60, "the requeued job to be ready again", interval=0.2)
+    again = live.get(body["id"]).json()
+    assert again["job_id"] == first["job_id"]
+    assert live.map_lines() == [f"{body['id']} {again['host']}:{again['port']}"]
+    result = connect_and_call(f"ws://{again['host']}:{again['port']}/ws", body["secret"], [("demo.add", [5, 5])])
+    assert result["results"] == [10]
+
+
 def test_walltime_expiry_ends_the_session(launcher: LauncherFactory) -> None:
     """Slurm checks limits about every 30 s, so a 1-minute job ends 60-90 s in."""
     live = launcher(clusters={"slurm": {"scheduler": "slurm", "poll_fast_s": 0.5, "poll_slow_s": 1}},

@@ -90,6 +90,10 @@ def main():
         secret = fh.read().strip()
     with open(os.path.join(job_dir, "token")) as fh:
         token = fh.read().strip()
+    try:  # a requeued job runs again: the last run's exit code is not this run's
+        os.unlink(os.path.join(job_dir, "exit_code"))
+    except OSError:
+        pass
     host = node_address(spec["node_address"], spec.get("callback_url"))
     port = spec.get("port") or free_port()
     values = (host, str(port), secret, secret_file)
@@ -107,6 +111,9 @@ def main():
         out.flush()
         write_atomic(os.path.join(job_dir, "exit_code"), "127\n")
         return 127
+
+    # load the HTTP client while the app starts, so the callback does not wait for the import
+    threading.Thread(target=__import__, args=("urllib.request",), daemon=True).start()
 
     def forward(signum, _frame):
         if proc.poll() is None:
