@@ -57,12 +57,10 @@ import os
 import pstats
 import resource
 import secrets
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -71,7 +69,6 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from pvw_hpc import jobs
@@ -82,8 +79,20 @@ from pvw_hpc.service import Service
 from pvw_hpc.states import SessionState
 from pvw_hpc.substitute import render
 
-REPO = Path(__file__).resolve().parent.parent
-DEMO_APP = REPO / "examples" / "demo" / "app.py"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or not, _common is found
+from _common import (  # noqa: E402
+    BenchError,
+    batch_demo_app,
+    cleaned_tempdir,
+    configuration_section,
+    demo_properties,
+    jobs_named,
+    require_slurm,
+    run_bench,
+    run_quiet,
+    scancel_batches,
+)
+
 CLUSTER = "bench-slurm"
 PARTITION = "debug"
 DEFAULT_SIZES = (1, 100, 1000)
@@ -92,26 +101,6 @@ TARGET_CPU_MS = 20.0
 TARGET_CPU_AT = 1000
 SUBMIT_THREADS = 8
 CANCEL_BATCH = 200
-
-
-class BenchError(Exception):
-    """Something broke: the run cannot produce a trustworthy number."""
-
-
-def run_quiet(argv: list[str], timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Run a SLURM command, capturing its output; never raises for a non-zero exit."""
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False)
-
-
-def slurm_problem() -> str | None:
-    """Why the local SLURM cluster cannot be used, or None when it answers."""
-    for tool in ("sbatch", "squeue", "scancel", "sinfo"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (run schedulers/slurm/up)"
-    probe = run_quiet(["sinfo", "-h", "-p", PARTITION, "-o", "%T"], timeout_s=30)
-    if probe.returncode != 0 or not probe.stdout.strip():
-        return f"partition {PARTITION!r} does not answer (run schedulers/slurm/up): {probe.stderr.strip()}"
-    return None
 
 
 # -- the held jobs ---------------------------------------------------------------------------
@@ -128,7 +117,7 @@ class HeldJobs:
     def _submit_one(self) -> str:
         argv = ["sbatch", "--parsable", "-H", "-J", self.name, "-p", PARTITION, "-t", "1", "-n", "1",
                 "--no-requeue", "-o", "/dev/null", "--wrap", "sleep 1"]
-        done = run_quiet(argv, timeout_s=30)
+        done = run_quiet(argv)
         if done.returncode != 0:
             raise BenchError(f"sbatch -H failed ({done.returncode}): {done.stderr.strip()}")
         job_id = done.stdout.strip().split(";")[0]
@@ -154,23 +143,16 @@ class HeldJobs:
         """scancel our ids in batches, then any job still named like ours; returns problems."""
         problems: list[str] = []
         with contextlib.suppress(Exception):
-            listed = run_quiet(["squeue", "-h", "-n", self.name, "-o", "%i"], timeout_s=30)
-            if listed.returncode == 0:
-                with self._lock:
-                    known = set(self.ids)
-                    self.ids.extend(j for j in listed.stdout.split() if j not in known)
+            listed = jobs_named(self.name)
+            with self._lock:
+                known = set(self.ids)
+                self.ids.extend(j for j in listed if j not in known)
         with self._lock:
             ids = list(self.ids)
-        for start in range(0, len(ids), CANCEL_BATCH):
-            batch = ids[start:start + CANCEL_BATCH]
-            try:
-                done = run_quiet(["scancel", *batch])
-                if done.returncode != 0:
-                    problems.append(f"scancel of {len(batch)} jobs from {batch[0]}: {done.stderr.strip()[:300]}")
-            except (OSError, subprocess.SubprocessError) as exc:
-                problems.append(f"scancel of {len(batch)} jobs from {batch[0]}: {exc}")
+        for batch, error in scancel_batches(ids, CANCEL_BATCH, timeout_s=60.0, stderr_chars=300):
+            problems.append(f"scancel of {len(batch)} jobs from {batch[0]}: {error}")
         with contextlib.suppress(Exception):  # what is still waiting after that?
-            left = run_quiet(["squeue", "-h", "-n", self.name, "-t", "PENDING,RUNNING", "-o", "%i"], timeout_s=30)
+            left = run_quiet(["squeue", "-h", "-n", self.name, "-t", "PENDING,RUNNING", "-o", "%i"])
             if left.stdout.split():
                 problems.append(f"{len(left.stdout.split())} job(s) named {self.name} still queued")
         return problems
@@ -262,24 +244,15 @@ def measure_tick(poller: Poller, meter: CycleMeter) -> Cycle:
 def build_service(root: Path) -> Service:
     """A Service on a temp config with one SLURM cluster and the demo app on it (threads not started)."""
     raw = {
-        "configuration": {
-            "host": "127.0.0.1", "port": 0, "endpoint": "paraview",
-            "proxy_file": str(root / "proxy.txt"), "sessionURL": "ws://${host}:${port}/ws",
-            "timeout": 30, "log_dir": str(root / "logs"), "fields": ["host", "port"],
-        },
+        "configuration": configuration_section(root, 0, 30),
         "resources": [],
-        "properties": {"python_exec": sys.executable, "demo_app": str(DEMO_APP)},
+        "properties": demo_properties(),
         "clusters": {
             CLUSTER: {"scheduler": "slurm", "access": "cli", "job_dir": str(root / "jobs"),
                       "callback_url": "http://127.0.0.1:9/paraview",
                       "defaults": {"partition": PARTITION, "time": "00:10:00", "cpus": 1}},
         },
-        "apps": {
-            "demo": {"cluster": CLUSTER,
-                     "cmd": ["${python_exec}", "${demo_app}", "--host", "${host}", "--port", "${port}",
-                             "--authKeyFile", "${secret_file}", "--timeout", "300"],
-                     "ready_line": "Starting factory"},
-        },
+        "apps": {"demo": batch_demo_app(CLUSTER)},
     }
     return Service(load_dict(raw, source="bench/poll_cost.py"))
 
@@ -378,33 +351,6 @@ def report(rows: list[dict[str, Any]], submit_s: float, jobs_submitted: int, cyc
 # -- main ------------------------------------------------------------------------------------
 
 
-def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
-    """SIGTERM/SIGHUP behave like Ctrl-C, so the ``finally`` cleanup runs."""
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-@contextlib.contextmanager
-def run_environment() -> Iterator[tuple[HeldJobs, Path]]:
-    """The held-job tracker and a temp dir, cleaned up however the run ends."""
-    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_interrupt)
-    held = HeldJobs()
-    root = Path(tempfile.mkdtemp(prefix="pvw-hpc-bench-poll-", dir="/tmp"))
-    try:
-        yield held, root
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second Ctrl-C must not cut it short
-            signal.signal(sig, signal.SIG_IGN)
-        try:
-            for problem in held.cancel_all():
-                print(f"cleanup: {problem}", file=sys.stderr)
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
-
-
 def parse_sizes(text: str) -> list[int]:
     try:
         sizes = sorted({int(part) for part in text.split(",") if part.strip()})
@@ -430,13 +376,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    problem = slurm_problem()
-    if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
+    return run_bench(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> None:
+    """Submit the held jobs, meter the poller at each size, print the report."""
+    require_slurm(PARTITION)
+    held = HeldJobs()
     service: Service | None = None
     try:
-        with run_environment() as (held, root):
+        with cleaned_tempdir("pvw-hpc-bench-poll-", held.cancel_all,
+                             ignore_during_cleanup=[signal.SIGINT, signal.SIGTERM, signal.SIGHUP]) as root:
             submit_s = held.submit(max(args.sizes))
             job_ids = sorted(held.ids, key=int)
             service = build_service(root)
@@ -462,17 +412,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(summary, indent=2))
             service.close()
             service = None
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; cleaned up", file=sys.stderr)
-        return 130
     finally:
         if service is not None:
             with contextlib.suppress(Exception):
                 service.close()
-    return 0
 
 
 if __name__ == "__main__":

@@ -63,46 +63,66 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import http.client
 import json
-import math
 import os
 import random
-import select
 import shlex
-import shutil
 import signal
-import socket
 import sqlite3
-import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import Any
+from typing import Any, ClassVar
 
-from pvw_hpc.procs import pids_with_env
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or not, _common is found
+from _common import (  # noqa: E402
+    APP_IDLE_TIMEOUT_S,
+    DEMO_APP,
+    ENDPOINT,
+    HOST,
+    READY_LINE,
+    REPO,
+    SERVING_PREFIX,
+    BenchError,
+    ProcessTracker,
+    batch_demo_app,
+    cleaned_tempdir,
+    configuration_section,
+    decode_json,
+    delete_session,
+    demo_properties,
+    free_port,
+    http_call,
+    jobs_named,
+    port_listening,
+    post_launch,
+    print_stats_table,
+    require_slurm,
+    run_bench,
+    run_quiet,
+    scancel_batches,
+    serving_port,
+    spawn_serve,
+    summarize,
+    tail,
+    wait_healthy,
+    wait_until,
+    write_launcher_config,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-DEMO_APP = REPO / "examples" / "demo" / "app.py"
-PVW_HPC = Path(sys.executable).parent / "pvw-hpc"
-HOST = "127.0.0.1"
-ENDPOINT = "paraview"
 CLUSTER = "bench-slurm"
-READY_LINE = b"Starting factory"
-APP_IDLE_TIMEOUT_S = "300"
+READY_BYTES = READY_LINE.encode()  # searched for in the floor's output file, read as bytes
 PARTITION = "debug"
 JOB_TIME = "00:10:00"
 LAUNCH_TIMEOUT_S = 60.0  # a launch that takes longer than this is broken, not slow
 HTTP_TIMEOUT_S = LAUNCH_TIMEOUT_S + 15.0
 FILE_POLL_S = 0.005
-MARKER_ENV = "PVW_HPC_BENCH_MARKER"
+WAIT_STEP_S = 0.02  # how often wait_until re-checks a port, a job or /health
 TARGET_FACTOR = 1.05
 TARGET_SLACK_MS = 100.0
 BUSY_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT"})
@@ -110,56 +130,7 @@ SERIES = ("floor", "ours")
 LABELS = {"floor": "floor (plain sbatch)", "ours": "pvw-hpc serve"}
 
 
-class BenchError(Exception):
-    """Something broke: the run cannot produce a trustworthy number."""
-
-
-# -- small helpers -----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A port free right now on this host, which is also the cluster's only node."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def port_listening(port: int) -> bool:
-    """True when something accepts TCP connections on ``HOST:port``."""
-    try:
-        with socket.create_connection((HOST, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def wait_until(check: Callable[[], bool], timeout_s: float, what: str, step_s: float = 0.02) -> None:
-    """Poll ``check`` until true; BenchError naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(step_s)
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    """The end of a text file, indented, for error messages (empty if unreadable)."""
-    try:
-        text = path.read_bytes()[-8192:].decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return "\n".join("    " + line for line in text.splitlines()[-lines:])
-
-
-def percentile(samples: Sequence[float], pct: float) -> float:
-    """Nearest-rank percentile: always one of the measured values."""
-    ordered = sorted(samples)
-    return ordered[max(1, math.ceil(pct / 100.0 * len(ordered))) - 1]
-
-
-def run_quiet(argv: list[str], timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
-    """Run a SLURM command, capturing its output; never raises for a non-zero exit."""
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False)
+# -- SLURM jobs ------------------------------------------------------------------------------
 
 
 def job_state(job_id: str) -> str:
@@ -173,50 +144,15 @@ def wait_job_released(job_id: str, what: str) -> None:
     wait_until(lambda: job_state(job_id) not in BUSY_STATES, 30, f"{what}: job {job_id} to leave RUNNING", 0.05)
 
 
-def slurm_problem() -> str | None:
-    """Why the local SLURM cluster cannot be used, or None when it answers."""
-    for tool in ("sbatch", "squeue", "scancel", "sinfo"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (run schedulers/slurm/up)"
-    probe = run_quiet(["sinfo", "-h", "-p", PARTITION, "-o", "%T"])
-    if probe.returncode != 0 or not probe.stdout.strip():
-        return f"partition {PARTITION!r} does not answer (run schedulers/slurm/up): {probe.stderr.strip()}"
-    return None
-
-
-# -- HTTP ------------------------------------------------------------------------------------
-
-
-def http_call(port: int, method: str, path: str, body: bytes | None = None,
-              headers: dict[str, str] | None = None, timeout_s: float = HTTP_TIMEOUT_S) -> tuple[int, bytes]:
-    """One request on a fresh connection (like a browser's first XHR); returns status and body."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout_s)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
-def decode_json(raw: bytes) -> dict[str, Any]:
-    """A JSON object from a response body, or ``{"raw": text}`` when it is not one."""
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return {"raw": raw.decode("utf-8", "replace")[:500]}
-    return value if isinstance(value, dict) else {"raw": value}
-
-
 # -- what this run owns ----------------------------------------------------------------------
 
 
 @dataclass
-class Tracker:
+class Tracker(ProcessTracker):
     """Every process and SLURM job this run started, so that nothing outlives it."""
 
-    marker: str = field(default_factory=lambda: uuid.uuid4().hex)
-    groups: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    # sbatch exports the environment into the job: WSLINK_READY_MSG would change the ready line, PVW_HPC_CONFIG the config
+    drop_env: ClassVar[tuple[str, ...]] = ("WSLINK_READY_MSG", "PVW_HPC_CONFIG")
     job_ids: list[str] = field(default_factory=list)
     databases: list[Path] = field(default_factory=list)  # launcher databases whose jobs are ours too
 
@@ -224,20 +160,6 @@ class Tracker:
     def floor_job_name(self) -> str:
         """A job name no one else uses: the last-resort handle on our floor jobs."""
         return f"pvw-bench-floor-{self.marker[:12]}"
-
-    def env(self) -> dict[str, str]:
-        """The environment for a child (sbatch exports it into the job): ours plus the marker.
-
-        ``WSLINK_READY_MSG`` would change the ready line and ``PVW_HPC_CONFIG`` the config: both are dropped.
-        """
-        env = {k: v for k, v in os.environ.items() if k not in ("WSLINK_READY_MSG", "PVW_HPC_CONFIG")}
-        return {**env, MARKER_ENV: self.marker}
-
-    def spawn(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-        """Start ``argv`` as the leader of a new process group and remember it."""
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True, **kwargs)
-        self.groups.append(proc)
-        return proc
 
     def add_job(self, job_id: str) -> None:
         if job_id and job_id not in self.job_ids:
@@ -257,54 +179,18 @@ class Tracker:
                     found += [r[0] for r in conn.execute("SELECT job_id FROM sessions WHERE job_id IS NOT NULL")]
         return found
 
-    def _named_job_ids(self) -> list[str]:
-        out = run_quiet(["squeue", "-h", "-n", self.floor_job_name, "-o", "%i"])
-        return out.stdout.split() if out.returncode == 0 else []
-
     def cleanup(self) -> list[str]:
         """Cancel our jobs, stop our processes; returns problems worth printing."""
-        problems: list[str] = []
         with contextlib.suppress(Exception):
             for job_id in self._launcher_job_ids():
                 self.add_job(job_id)
         with contextlib.suppress(Exception):
-            for job_id in self._named_job_ids():
+            for job_id in jobs_named(self.floor_job_name):
                 self.add_job(job_id)
-        for start in range(0, len(self.job_ids), 200):
-            batch = self.job_ids[start:start + 200]
-            try:
-                done = run_quiet(["scancel", *batch])
-                if done.returncode != 0:
-                    problems.append(f"scancel {' '.join(batch)}: {done.stderr.strip()}")
-            except (OSError, subprocess.SubprocessError) as exc:
-                problems.append(f"scancel {' '.join(batch)}: {exc}")
-        for proc in list(self.groups):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 3.0
-        for proc in list(self.groups):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
-        self.groups.clear()
+        problems = [f"scancel {' '.join(batch)}: {error}" for batch, error in scancel_batches(self.job_ids)]
+        self.stop_groups()
         time.sleep(0.3)  # give slurmd a moment to signal the cancelled jobs' processes
-        stragglers: list[int] = []
-        for _ in range(3):
-            pids = [pid for pid in pids_with_env(MARKER_ENV, self.marker) if pid != os.getpid()]
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-                if pid not in stragglers:
-                    stragglers.append(pid)
-            time.sleep(0.1)
-        if stragglers:
-            problems.append(f"killed {len(stragglers)} leftover process(es): {stragglers}")
-        return problems
+        return problems + self.kill_marked()
 
 
 # -- the floor: plain sbatch -----------------------------------------------------------------
@@ -382,7 +268,7 @@ class Floor:
         finally:
             self.tracker.cancel(job_id)
         wait_job_released(job_id, "floor")
-        wait_until(lambda: not port_listening(port), 15, f"floor: app port {port} to close")
+        wait_until(lambda: not port_listening(port), 15, f"floor: app port {port} to close", WAIT_STEP_S)
         return result
 
     def _wait_ready_line(self, out_path: Path, job_id: str, t0: float) -> Launch:
@@ -402,8 +288,8 @@ class Floor:
                 started = time.perf_counter() - t0
             if data:
                 offset += len(data)
-                window = window[-len(READY_LINE):] + data
-                if READY_LINE in window:
+                window = window[-len(READY_BYTES):] + data
+                if READY_BYTES in window:
                     return Launch(time.perf_counter() - t0, started)
             now = time.monotonic()
             if now > deadline:
@@ -423,21 +309,10 @@ class Floor:
 
 def write_config(root: Path) -> Path:
     """A launcher config with one SLURM cluster and the demo app on it."""
-    log_dir = root / "logs"
-    log_dir.mkdir(parents=True)
     config = {
-        "configuration": {
-            "host": HOST,
-            "port": 0,
-            "endpoint": ENDPOINT,
-            "proxy_file": str(root / "proxy.txt"),
-            "sessionURL": "ws://${host}:${port}/ws",
-            "timeout": LAUNCH_TIMEOUT_S,
-            "log_dir": str(log_dir),
-            "fields": ["host", "port"],
-        },
+        "configuration": configuration_section(root, 0, LAUNCH_TIMEOUT_S),
         "resources": [],
-        "properties": {"python_exec": sys.executable, "demo_app": str(DEMO_APP)},
+        "properties": demo_properties(),
         "clusters": {
             CLUSTER: {
                 "scheduler": "slurm",
@@ -449,18 +324,9 @@ def write_config(root: Path) -> Path:
                 "defaults": {"partition": PARTITION, "time": JOB_TIME, "cpus": 1},
             },
         },
-        "apps": {
-            "demo": {
-                "cluster": CLUSTER,
-                "cmd": ["${python_exec}", "${demo_app}", "--host", "${host}", "--port", "${port}",
-                        "--authKeyFile", "${secret_file}", "--timeout", APP_IDLE_TIMEOUT_S],
-                "ready_line": READY_LINE.decode(),
-            },
-        },
+        "apps": {"demo": batch_demo_app(CLUSTER)},
     }
-    path = root / "launcher.json"
-    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
-    return path
+    return write_launcher_config(root, config)
 
 
 class StartWatcher(threading.Thread):
@@ -514,16 +380,12 @@ class Ours:
 
     def launch(self) -> Launch:
         """POST -> 200 (and POST -> the job log's creation); then DELETE and wait until the job released its CPU."""
-        body = json.dumps({"application": "demo"}).encode()
-        headers = {"Content-Type": "text/plain;charset=UTF-8"}
         watcher = StartWatcher(self.root / "jobs")
         t0_wall = time.time()
         t0 = time.perf_counter()
         watcher.start()
         try:
-            status, raw = http_call(self.port, "POST", f"/{ENDPOINT}/", body, headers)
-        except OSError as exc:
-            raise BenchError(f"pvw-hpc: POST failed: {exc}{self.diagnostics()}") from exc
+            status, raw = post_launch(self.port, "pvw-hpc", self.diagnostics, HTTP_TIMEOUT_S)
         finally:
             watcher.stop()
         elapsed = time.perf_counter() - t0
@@ -541,16 +403,11 @@ class Ours:
         log_path = self.root / "jobs" / session_id / "job.log"
         with contextlib.suppress(OSError):  # the job side's ready marker is the log's last write
             self.marker_to_200.append((answered_ns - log_path.stat().st_mtime_ns) / 1e9)
-        try:
-            status, raw = http_call(self.port, "DELETE", f"/{ENDPOINT}/{session_id}")
-        except OSError as exc:
-            raise BenchError(f"pvw-hpc: DELETE failed: {exc}{self.diagnostics(session_id)}") from exc
-        if status != 200:
-            raise BenchError(f"pvw-hpc: DELETE {session_id} answered {status} {decode_json(raw)}")
+        delete_session(self.port, session_id, "pvw-hpc", lambda: self.diagnostics(session_id), HTTP_TIMEOUT_S)
         if job_id:
             wait_job_released(job_id, "pvw-hpc")
         app_port = int(answer["port"])
-        wait_until(lambda: not port_listening(app_port), 15, f"pvw-hpc: app port {app_port} to close")
+        wait_until(lambda: not port_listening(app_port), 15, f"pvw-hpc: app port {app_port} to close", WAIT_STEP_S)
         return Launch(elapsed, started, submit_s)
 
     def _session(self, session_id: str) -> dict[str, Any]:
@@ -560,6 +417,11 @@ class Ours:
             if status == 200:
                 return decode_json(raw)
         return {}
+
+    def check_alive(self) -> None:
+        """BenchError (with its stderr) if ``pvw-hpc serve`` has exited."""
+        if self.proc.poll() is not None:
+            raise BenchError(f"pvw-hpc: exited with {self.proc.returncode}{self.diagnostics()}")
 
     def diagnostics(self, session_id: str = "") -> str:
         text = f"\n  launcher stderr ({self.stderr_path}):\n{tail(self.stderr_path)}"
@@ -571,50 +433,20 @@ class Ours:
 
 def start_ours(tracker: Tracker, root: Path) -> Ours:
     """``pvw-hpc serve`` with port 0: read the port from its ``pvw-hpc: serving`` line."""
-    if not PVW_HPC.exists():
-        raise BenchError(f"{PVW_HPC} not found: run this with the venv's python (pvw-hpc installed)")
     config = write_config(root)
     tracker.databases.append(root / "logs" / "pvw-hpc.sqlite")
-    with open(root / "stderr.txt", "wb") as err:
-        proc = tracker.spawn([str(PVW_HPC), "serve", "--config", str(config)], stdout=subprocess.PIPE,
-                             stderr=err, cwd=root, env=tracker.env())
+    proc = spawn_serve(tracker, root, config)
     ours = Ours(tracker, root, proc)
-    assert proc.stdout is not None
-    readable, _, _ = select.select([proc.stdout], [], [], 30)
-    line = proc.stdout.readline().decode("utf-8", "replace").strip() if readable else ""
-    prefix = f"pvw-hpc: serving http://{HOST}:"
-    if not line.startswith(prefix):
-        raise BenchError(f"pvw-hpc: expected '{prefix}PORT/{ENDPOINT}/' on stdout, got {line!r} "
+    port, line = serving_port(proc)
+    if port is None:
+        raise BenchError(f"pvw-hpc: expected '{SERVING_PREFIX}PORT/{ENDPOINT}/' on stdout, got {line!r} "
                          f"(exit {proc.poll()}){ours.diagnostics()}")
-    ours.port = int(line[len(prefix):].split("/", 1)[0])
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise BenchError(f"pvw-hpc: exited with {proc.returncode}{ours.diagnostics()}")
-        try:
-            return http_call(ours.port, "GET", "/health", timeout_s=2)[0] == 200
-        except OSError:
-            return False
-
-    wait_until(healthy, 30, "pvw-hpc to answer GET /health")
+    ours.port = port
+    wait_healthy(port, ours.check_alive, WAIT_STEP_S)
     return ours
 
 
 # -- report ----------------------------------------------------------------------------------
-
-
-def summarize(samples: Sequence[float]) -> dict[str, Any]:
-    """median/p90/min/max in ms, plus the raw samples for anyone re-analysing."""
-    ms = [s * 1000.0 for s in samples]
-    if not ms:
-        return {"median_ms": None, "p90_ms": None, "min_ms": None, "max_ms": None, "samples_ms": []}
-    return {
-        "median_ms": round(statistics.median(ms), 1),
-        "p90_ms": round(percentile(ms, 90), 1),
-        "min_ms": round(min(ms), 1),
-        "max_ms": round(max(ms), 1),
-        "samples_ms": [round(v, 1) for v in ms],
-    }
 
 
 def report(results: dict[str, list[Launch]], floor: Floor, ours: Ours, args: argparse.Namespace) -> dict[str, Any]:
@@ -632,10 +464,7 @@ def report(results: dict[str, list[Launch]], floor: Floor, ours: Ours, args: arg
     print(f"SLURM launch overhead: n={args.n} per series (+{args.warmup} untimed warm-up), interleaved, "
           f"random 0-{args.jitter_s:g} s pause before each launch; demo app {DEMO_APP.relative_to(REPO)}, "
           f"partition {PARTITION}")
-    print(f"{'submit -> ready':24}{'median':>9}{'p90':>9}{'min':>9}{'max':>9}   ms")
-    for name in SERIES:
-        s = stats[name]
-        print(f"{LABELS[name]:24}{s['median_ms']:9.1f}{s['p90_ms']:9.1f}{s['min_ms']:9.1f}{s['max_ms']:9.1f}")
+    print_stats_table("submit -> ready", [(LABELS[name], stats[name]) for name in SERIES])
     print(f"ratio ours/floor (medians): {ratio:.3f}   overhead {ours_ms - floor_ms:+.1f} ms")
     print(f"target ours <= {TARGET_FACTOR:g} x floor + {TARGET_SLACK_MS:.0f} ms = {limit_ms:.1f} ms: "
           f"{'met' if meets else 'NOT met'}")
@@ -695,33 +524,6 @@ def report(results: dict[str, list[Launch]], floor: Floor, ours: Ours, args: arg
 # -- main ------------------------------------------------------------------------------------
 
 
-def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
-    """SIGTERM/SIGHUP behave like Ctrl-C, so the ``finally`` cleanup runs."""
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-@contextlib.contextmanager
-def run_environment() -> Iterator[tuple[Tracker, Path]]:
-    """A tracker and a temp dir that are cleaned up however the run ends."""
-    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_interrupt)
-    tracker = Tracker()
-    root = Path(tempfile.mkdtemp(prefix="pvw-hpc-bench-slurm-", dir="/tmp"))
-    try:
-        yield tracker, root
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        try:
-            for problem in tracker.cleanup():
-                print(f"cleanup: {problem}", file=sys.stderr)
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("-n", "--n", type=int, default=10, help="timed launches per series (default 10)")
@@ -737,42 +539,38 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    problem = slurm_problem()
-    if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
-    try:
-        with run_environment() as (tracker, root):
-            script, _secret = write_floor_script(root / "floor", tracker)
-            floor = Floor(tracker, root / "floor", script)
-            ours = start_ours(tracker, root / "ours")
-            measure: dict[str, Callable[[], Launch]] = {"floor": floor.launch, "ours": ours.launch}
-            rng = random.Random()
+    return run_bench(lambda: run(args))
 
-            def timed(name: str) -> Launch:
-                time.sleep(rng.uniform(0.0, args.jitter_s))  # a random phase against slurmctld's scheduling pass
-                return measure[name]()
 
-            for _ in range(args.warmup):
-                for name in SERIES:
-                    timed(name)
-            floor.detect_lags.clear()
-            ours.marker_to_200.clear()
-            results: dict[str, list[Launch]] = {name: [] for name in SERIES}
-            for i in range(args.n):
-                order = SERIES if i % 2 == 0 else SERIES[::-1]  # alternate so neither always goes first
-                for name in order:
-                    results[name].append(timed(name))
-            summary = report(results, floor, ours, args)
-            if args.json:
-                print(json.dumps(summary, indent=2))
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; cleaned up", file=sys.stderr)
-        return 130
-    return 0
+def run(args: argparse.Namespace) -> None:
+    """Start pvw-hpc, measure both series interleaved with a random pause before each launch, print the report."""
+    require_slurm(PARTITION)
+    tracker = Tracker()
+    with cleaned_tempdir("pvw-hpc-bench-slurm-", tracker.cleanup,
+                         ignore_during_cleanup=[signal.SIGINT, signal.SIGTERM]) as root:
+        script, _secret = write_floor_script(root / "floor", tracker)
+        floor = Floor(tracker, root / "floor", script)
+        ours = start_ours(tracker, root / "ours")
+        measure: dict[str, Callable[[], Launch]] = {"floor": floor.launch, "ours": ours.launch}
+        rng = random.Random()
+
+        def timed(name: str) -> Launch:
+            time.sleep(rng.uniform(0.0, args.jitter_s))  # a random phase against slurmctld's scheduling pass
+            return measure[name]()
+
+        for _ in range(args.warmup):
+            for name in SERIES:
+                timed(name)
+        floor.detect_lags.clear()
+        ours.marker_to_200.clear()
+        results: dict[str, list[Launch]] = {name: [] for name in SERIES}
+        for i in range(args.n):
+            order = SERIES if i % 2 == 0 else SERIES[::-1]  # alternate so neither always goes first
+            for name in order:
+                results[name].append(timed(name))
+        summary = report(results, floor, ours, args)
+        if args.json:
+            print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

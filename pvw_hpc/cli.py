@@ -32,6 +32,10 @@ url_option = click.option(
     "--url", default=None, metavar="URL",
     help="Endpoint of a running launcher, e.g. http://127.0.0.1:8080/paraview; without it, work in-process.",
 )
+token_option = click.option(
+    "--token", envvar="PVW_HPC_TOKEN", default=None, metavar="TOKEN",
+    help="Bearer token for --url (default: $PVW_HPC_TOKEN); never printed.",
+)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
@@ -47,10 +51,11 @@ def _load(config_file: str | None) -> Any:
 class _Connection:
     """A client plus the in-process service to close, if any."""
 
-    def __init__(self, config_file: str | None, url: str | None, *, threads: bool = False):
+    def __init__(self, config_file: str | None, url: str | None, *, threads: bool = False,
+                 token: str | None = None):
         self.service: Service | None = None
         if url:
-            self.client: LauncherClient = HttpClient(url)
+            self.client: LauncherClient = HttpClient(url, token=token)
         else:
             self.service = Service(_load(config_file))
             self.poller: Poller | None = None
@@ -163,10 +168,11 @@ def flush_map(config_file: str | None) -> None:
 @main.command("list")
 @config_option
 @url_option
+@token_option
 @json_option
-def list_cmd(config_file: str | None, url: str | None, as_json: bool) -> None:
+def list_cmd(config_file: str | None, url: str | None, as_json: bool, token: str | None) -> None:
     """List sessions."""
-    with _Connection(config_file, url) as client:
+    with _Connection(config_file, url, token=token) as client:
         status, body = _call(client.list)
     if status != 200:
         _fail(status, body)
@@ -185,10 +191,11 @@ def list_cmd(config_file: str | None, url: str | None, as_json: bool) -> None:
 @click.argument("session_id")
 @config_option
 @url_option
+@token_option
 @json_option
-def status(session_id: str, config_file: str | None, url: str | None, as_json: bool) -> None:
+def status(session_id: str, config_file: str | None, url: str | None, as_json: bool, token: str | None) -> None:
     """Show one session."""
-    with _Connection(config_file, url) as client:
+    with _Connection(config_file, url, token=token) as client:
         code, body = _call(client.get, session_id)
     if code != 200:
         _fail(code, body)
@@ -199,10 +206,11 @@ def status(session_id: str, config_file: str | None, url: str | None, as_json: b
 @click.argument("session_id")
 @config_option
 @url_option
+@token_option
 @json_option
-def cancel(session_id: str, config_file: str | None, url: str | None, as_json: bool) -> None:
+def cancel(session_id: str, config_file: str | None, url: str | None, as_json: bool, token: str | None) -> None:
     """Stop a session (as DELETE does)."""
-    with _Connection(config_file, url) as client:
+    with _Connection(config_file, url, token=token) as client:
         code, body = _call(client.stop, session_id)
     if code != 200:
         _fail(code, body)
@@ -216,9 +224,10 @@ def cancel(session_id: str, config_file: str | None, url: str | None, as_json: b
 @click.option("--keep", is_flag=True, help="Leave the session running when this command exits.")
 @config_option
 @url_option
+@token_option
 @json_option
 def submit(application: str, sets: tuple[str, ...], timeout: float | None, keep: bool,
-           config_file: str | None, url: str | None, as_json: bool) -> None:
+           config_file: str | None, url: str | None, as_json: bool, token: str | None) -> None:
     """Start one session, show its states as they are reached, print its URL.
 
     Without --keep the command then waits (Ctrl-C to end) and stops the session on exit.
@@ -229,7 +238,7 @@ def submit(application: str, sets: tuple[str, ...], timeout: float | None, keep:
         if not sep or not key:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
         payload[key] = value
-    with _Connection(config_file, url, threads=True) as client:
+    with _Connection(config_file, url, threads=True, token=token) as client:
         start = time.monotonic()
         code, body = _call(client.launch, payload)
         if code not in (200, 202):

@@ -54,10 +54,12 @@ class LocalClient:
 class HttpClient:
     """Talks to ``pvw-hpc serve`` (or any launcher with this API) at its endpoint URL."""
 
-    def __init__(self, url: str, timeout_s: float = 600.0):
+    def __init__(self, url: str, timeout_s: float = 600.0, token: str | None = None):
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
-        self.http = requests.Session()
+        self.http = requests.Session()  # keeps the creator cookie: an anonymous submit can follow its session
+        if token:
+            self.http.headers["Authorization"] = f"Bearer {token}"
 
     def launch(self, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         return self._send("POST", self.url + "/", json=payload)

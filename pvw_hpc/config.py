@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from . import jsonc
+from .auth import AuthConfig, check_auth
 from .clusters import ClusterConfig, check_clusters, check_resources
+from .limits import Limits, check_limits_config
 from .validate import APP_NAME_RE, ENDPOINT_RE, is_valid_host
 
 CONFIG_ENV = "PVW_HPC_CONFIG"
@@ -36,12 +38,12 @@ STOCK_CONFIGURATION_KEYS = frozenset(
     {"host", "port", "endpoint", "content", "proxy_file", "sessionURL", "timeout", "log_dir",
      "fields", "sanitize", "upload_dir"}
 )
-OUR_CONFIGURATION_KEYS = frozenset({"database", "threads"})
+OUR_CONFIGURATION_KEYS = frozenset({"database", "threads", "auth", "limits"})
 APP_KEYS = frozenset({"cmd", "ready_line", "timeout", "env", "cwd", "cluster", "resources", "port"})
 TOP_LEVEL_KEYS = frozenset({"configuration", "apps", "properties", "resources", "sessionData", "clusters"})
 
 # names the launcher sets itself; a client cannot supply them
-LAUNCHER_KEYS = frozenset({"id", "host", "port", "secret", "application"})
+LAUNCHER_KEYS = frozenset({"id", "host", "port", "secret", "application", "user", "secret_file"})
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,8 @@ class LauncherConfig:
     database_url: str
     threads: int
     clusters: Mapping[str, ClusterConfig] = field(default_factory=dict)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: Limits = field(default_factory=Limits)
     source: str = "<dict>"
 
     def app_timeout_s(self, app: AppConfig) -> float:
@@ -251,6 +255,8 @@ class _Checker:
         for name, app in apps.items():
             if app.cluster is not None and app.cluster not in clusters:
                 self.error(f"$.apps.{name}.cluster", f"no cluster {app.cluster!r} in $.clusters")
+        auth = check_auth(conf.get("auth"), self.error)
+        limits = check_limits_config(conf.get("limits"), set(apps), self.error)
         if any(app.cluster is None for app in apps.values()) and not resources:
             self.error("$.resources", "local apps (no 'cluster') need at least one {host, port_range}")
         database = c.get("database")
@@ -269,7 +275,7 @@ class _Checker:
             proxy_file=Path(proxy_file), session_url=session_url, timeout_s=float(timeout),
             log_dir=Path(log_dir), fields=tuple(fields), sanitize=sanitize, properties=properties,
             session_data=session_data, apps=apps, resources=resources, database_url=database,
-            threads=threads, clusters=clusters, source=source,
+            threads=threads, clusters=clusters, auth=auth, limits=limits, source=source,
         )
 
     # -- sections -------------------------------------------------------------------------

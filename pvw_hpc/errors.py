@@ -30,6 +30,10 @@ class BadRequest(LaunchError):
     status = 400
 
 
+class Unauthorized(LaunchError):
+    status = 401
+
+
 class Forbidden(LaunchError):
     status = 403
 
@@ -44,6 +48,12 @@ class Conflict(LaunchError):
 
 class PayloadTooLarge(LaunchError):
     status = 413
+
+
+class TooManyRequests(LaunchError):
+    """A per-user limit: the body names the limit and, when known, when capacity returns."""
+
+    status = 429
 
 
 class Unavailable(LaunchError):

@@ -18,12 +18,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import jobs
+from . import jobs, limits
+from .auth import ANONYMOUS_USER, LOCAL_ADMIN, USER_RE, Authenticator, Identity
 from .batch import make_adapter
 from .batch.base import BatchAdapter, BatchError, JobId
 from .batch.runner import CommandFailed
 from .config import AppConfig, LauncherConfig
-from .errors import BadRequest, Conflict, Forbidden, NotFound, Unavailable
+from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized, Unavailable
 from .local import LocalBackend, find_unrecorded
 from .mapfile import MapWriter
 from .ports import candidates
@@ -46,7 +47,17 @@ class LaunchResult:
     body: dict[str, Any]
     session_id: str
     cookie: str | None = None  # lets a retried POST re-attach to this pending batch session
+    creator_key: str | None = None  # anonymous: the creator cookie to set (proves ownership later)
 
+
+@dataclass(frozen=True)
+class Requester:
+    """Who a launch is for, and what it costs: decided once, before anything is written."""
+
+    user: str
+    creator: str
+    creator_hash: str | None
+    creator_key: str | None
 
 def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
@@ -96,6 +107,7 @@ class Service:
         self.map = MapWriter(config.proxy_file, self.store.ready_routes)
         self.local = LocalBackend(self.store, self.notify)
         self.adapters: dict[str, BatchAdapter] = {name: make_adapter(c) for name, c in config.clusters.items()}
+        self.auth = Authenticator(config.auth)
         self.unreachable: dict[str, str] = {}  # cluster -> why its scheduler is not answering (set by the poller)
         self._events: dict[str, threading.Event] = {}
         self._events_lock = threading.Lock()
@@ -144,12 +156,14 @@ class Service:
 
     # -- the API ---------------------------------------------------------------------------
 
-    def launch(self, payload: Any, wait: bool | None = None, attach: str | None = None) -> LaunchResult:
+    def launch(self, payload: Any, wait: bool | None = None, attach: str | None = None,
+               identity: Identity = LOCAL_ADMIN) -> LaunchResult:
         """Start a session for a launch request (the body of ``POST /<endpoint>``).
 
         ``attach`` is the cookie a 503 "still queued" answer set: a retried POST
         with it waits for the same pending session instead of submitting again.
         """
+        requester = self._requester(identity, payload)
         if not isinstance(payload, dict):
             raise BadRequest("the request body must be a JSON object")
         app = self._app(payload.get("application"))
@@ -161,10 +175,10 @@ class Service:
         if pending is not None:
             return self._wait_ready(pending.id, self.config.app_timeout_s(app), attach_cookie=attach)
         if app.cluster is not None:
-            return self._launch_batch(app, payload, wait)
+            return self._launch_batch(app, payload, wait, requester)
         session_id = str(uuid.uuid4())
         secret = secrets.token_hex(16)
-        record, rendered = self._reserve(app, payload, session_id, secret)
+        record, rendered = self._reserve(app, payload, session_id, secret, requester)
         timeout_s = self.config.app_timeout_s(app)
         env = {key: substitute(value, rendered.variables) for key, value in app.env.items()}
         try:
@@ -175,8 +189,8 @@ class Service:
             self._finish(record.id, SessionState.FAILED, error=error)
             raise Unavailable(error, id=record.id, state=SessionState.FAILED.value) from exc
         if not wait:
-            return LaunchResult(202, self._creator_view(record.id), record.id)
-        return self._wait_ready(record.id, timeout_s + WAIT_GRACE_S)
+            return LaunchResult(202, self._creator_view(record.id), record.id, creator_key=requester.creator_key)
+        return self._wait_ready(record.id, timeout_s + WAIT_GRACE_S, creator_key=requester.creator_key)
 
     def render_job(self, application: str, payload: Mapping[str, Any] | None = None) -> tuple[str, str]:
         """The exact script a launch of ``application`` would submit, and its template file (dry run)."""
@@ -203,18 +217,25 @@ class Service:
         self.notify(session_id, SessionState.READY)
         return session_view(self._get(session_id))
 
-    def get(self, session_id: str) -> dict[str, Any]:
+    def get(self, session_id: str, identity: Identity = LOCAL_ADMIN, secret: str | None = None) -> dict[str, Any]:
         record = self._get(session_id)
+        self._authorize(record, identity, secret, stop=False)
         if record.state == SessionState.READY and self.map.pending():
             self.map.sync()  # "ready" promises a route: never answer it before the line is on disk
         return session_view(record)
 
-    def list(self) -> list[dict[str, Any]]:
-        return [session_view(r) for r in self.store.list()]
+    def list(self, identity: Identity = LOCAL_ADMIN) -> list[dict[str, Any]]:
+        """Every session for admins and readers; a launcher token or a browser sees its own."""
+        records = self.store.list()
+        if not identity.has("read"):
+            records = [r for r in records if self._owns(r, identity)]
+        return [session_view(r) for r in records]
 
-    def stop(self, session_id: str, reason: str = "stopped by request") -> dict[str, Any]:
+    def stop(self, session_id: str, reason: str = "stopped by request", identity: Identity = LOCAL_ADMIN,
+             secret: str | None = None) -> dict[str, Any]:
         """End a session and stop its process or job; stopping an ended session is a no-op."""
         record = self._get(session_id)
+        self._authorize(record, identity, secret, stop=True)
         if not record.is_final:
             self._finish(session_id, SessionState.ENDED, end_reason=reason)
             self.map.sync()  # the route is gone before we answer, even if the process is slow to stop
@@ -244,7 +265,7 @@ class Service:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _launch_batch(self, app: AppConfig, payload: Mapping[str, Any], wait: bool) -> LaunchResult:
+    def _launch_batch(self, app: AppConfig, payload: Mapping[str, Any], wait: bool, requester: Requester) -> LaunchResult:
         """Write the job files, record the session, then submit: the row exists before the job."""
         assert app.cluster is not None
         cluster = self.config.clusters[app.cluster]
@@ -255,15 +276,25 @@ class Service:
                               "running sessions are kept; try again later")
         session_id = str(uuid.uuid4())
         secret, token, attach = secrets.token_hex(16), secrets.token_urlsafe(32), secrets.token_urlsafe(24)
-        rendered = render(self.config, app, payload, {"id": session_id, **jobs.SENTINELS})
+        rendered = render(self.config, app, payload, {"id": session_id, "user": requester.user, **jobs.SENTINELS})
         env = {key: substitute(value, rendered.variables) for key, value in app.env.items()}
-        script, _template = jobs.render_script(cluster, session_id, jobs.merged_resources(cluster, dict(app.resources)))
+        resources = jobs.merged_resources(cluster, dict(app.resources))
+        walltime = payload.get("walltime")
+        if walltime is not None:  # a portal may ask for a shorter or longer session, within max_walltime
+            if limits.walltime_seconds(walltime) is None:
+                raise BadRequest("'walltime' must be minutes or [D-]HH:MM:SS")
+            resources["time"] = walltime
+        cores = (resources.get("cpus") or 1) * (resources.get("nodes") or 1)
+        walltime_s = limits.walltime_seconds(resources["time"]) if resources.get("time") else None
+        script, _template = jobs.render_script(cluster, session_id, resources)
         files = jobs.job_files(cluster, session_id)
         record = self.store.create(
+            guard=limits.guard(self.config.limits, requester.user, app.name, cores, walltime_s),
             id=session_id, application=app.name, backend=cluster.name, holds_port=False, secret=secret,
             argv=list(rendered.argv), session_url=rendered.session_url, public=self._public(payload, rendered),
             return_secret=self._app_gets_secret(app), log_path=str(files.log), job_dir=str(files.dir),
-            token_hash=sha256(token), attach_hash=sha256(attach),
+            token_hash=sha256(token), attach_hash=sha256(attach), owner=requester.user, creator=requester.creator,
+            creator_hash=requester.creator_hash, cores=cores,
         )
         try:
             job_script = jobs.write_job_files(
@@ -285,8 +316,9 @@ class Service:
         self.wake_poller()
         cookie = f"{session_id}.{attach}"
         if not wait:
-            return LaunchResult(202, self._creator_view(record.id), record.id, cookie)
-        return self._wait_ready(session_id, self.config.app_timeout_s(app), attach_cookie=cookie)
+            return LaunchResult(202, self._creator_view(record.id), record.id, cookie, requester.creator_key)
+        return self._wait_ready(session_id, self.config.app_timeout_s(app), attach_cookie=cookie,
+                                creator_key=requester.creator_key)
 
     def _app_gets_secret(self, app: AppConfig) -> bool:
         return any(jobs.SENTINELS["secret"] in part or jobs.SENTINELS["secret_file"] in part
@@ -318,6 +350,39 @@ class Service:
             body["secret"] = record.secret
         return body
 
+    def _requester(self, identity: Identity, payload: Any) -> Requester:
+        """Who may launch, and for which user (a launch token names the user in ``"user"``)."""
+        named = payload.get("user") if isinstance(payload, dict) else None
+        if identity.anonymous:
+            if not self.config.auth.anonymous:
+                raise Unauthorized("this launcher needs a bearer token to launch (anonymous launches are off)")
+            key = identity.creator_key or secrets.token_urlsafe(24)
+            return Requester(ANONYMOUS_USER, ANONYMOUS_USER, sha256(key), key)
+        if not identity.has("launch"):
+            raise Forbidden(f"token {identity.name!r} may not launch sessions (role 'launch' needed)")
+        user = identity.name if named is None else named
+        if not isinstance(user, str) or not USER_RE.match(user):
+            raise BadRequest("'user' must be a user name (lower-case letters, digits, '_', '-', '.')")
+        return Requester(user, identity.name, None, None)
+
+    @staticmethod
+    def _owns(record: SessionRecord, identity: Identity) -> bool:
+        if identity.anonymous:
+            return bool(identity.creator_key and record.creator_hash
+                        and hmac.compare_digest(record.creator_hash, sha256(identity.creator_key)))
+        return identity.has("launch") and record.creator == identity.name
+
+    def _authorize(self, record: SessionRecord, identity: Identity, secret: str | None, *, stop: bool) -> None:
+        """Admins see and stop all; readers see all; creators (token, cookie or secret) their own."""
+        if identity.has("admin") or (not stop and identity.has("read")) or self._owns(record, identity):
+            return
+        if secret and hmac.compare_digest(record.secret, secret):
+            return
+        if identity.anonymous:
+            raise Unauthorized("send a bearer token, the creator cookie, or the session's secret "
+                               "(X-Session-Secret) to see or stop this session")
+        raise Forbidden(f"token {identity.name!r} may not {'stop' if stop else 'see'} this session")
+
     def _app(self, name: Any) -> AppConfig:
         if name is None:
             raise BadRequest("The request is not complete: 'application' is missing")
@@ -333,17 +398,19 @@ class Service:
         return record
 
     def _reserve(
-        self, app: AppConfig, payload: Mapping[str, Any], session_id: str, secret: str
+        self, app: AppConfig, payload: Mapping[str, Any], session_id: str, secret: str, requester: Requester
     ) -> tuple[SessionRecord, Rendered]:
         """Render the templates and insert the row holding a free host:port."""
         held: dict[str, set[int]] = {}
         for res in self.config.resources:
             held.setdefault(res.host, self.store.held_ports(res.host))
         for host, port in candidates(self.config.resources, held):
-            rendered = render(self.config, app, payload,
-                              {"id": session_id, "host": host, "port": str(port), "secret": secret})
+            rendered = render(self.config, app, payload, {"id": session_id, "host": host, "port": str(port),
+                                                          "secret": secret, "user": requester.user})
             try:
                 record = self.store.create(
+                    guard=limits.guard(self.config.limits, requester.user, app.name, 1, None),
+                    owner=requester.user, creator=requester.creator, creator_hash=requester.creator_hash, cores=1,
                     id=session_id, application=app.name, backend="local", host=host, port=port,
                     holds_port=True, secret=secret, argv=list(rendered.argv), session_url=rendered.session_url,
                     public=self._public(payload, rendered), return_secret=rendered.secret_in_argv,
@@ -353,7 +420,8 @@ class Service:
                 continue  # another request took it between our read and our insert
             return record, rendered
         # validate the request even when full, so a bad request is told so, not "busy"
-        render(self.config, app, payload, {"id": session_id, "host": "", "port": "", "secret": secret})
+        render(self.config, app, payload, {"id": session_id, "host": "", "port": "", "secret": secret,
+                                           "user": requester.user})
         raise Unavailable("All the resources are currently taken: no free port in 'resources'")
 
     def _public(self, payload: Mapping[str, Any], rendered: Rendered) -> dict[str, Any]:
@@ -379,7 +447,8 @@ class Service:
         if event is not None:
             event.set()
 
-    def _wait_ready(self, session_id: str, timeout_s: float, attach_cookie: str | None = None) -> LaunchResult:
+    def _wait_ready(self, session_id: str, timeout_s: float, attach_cookie: str | None = None,
+                    creator_key: str | None = None) -> LaunchResult:
         """Block until the session is ready (200) or failed (503).
 
         A local session not ready in time is failed (stock behaviour). A batch
@@ -396,7 +465,7 @@ class Service:
                 if record.state == SessionState.READY:
                     if not self.map.sync():
                         log.error("map file not written in time for %s", session_id)
-                    return LaunchResult(200, self._ready_body(record), session_id)
+                    return LaunchResult(200, self._ready_body(record), session_id, creator_key=creator_key)
                 if record.is_final:
                     raise Unavailable(record.error or record.end_reason or f"the session {record.state.value}",
                                       id=session_id, state=record.state.value)

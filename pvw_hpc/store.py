@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.types import TypeDecorator
 
@@ -84,6 +84,10 @@ sessions = Table(
     Column("pid", Integer),
     Column("pid_start", BigInteger),  # process start time, so a reused pid is not mistaken
     Column("job_id", String(128)),
+    Column("owner", String(64), index=True),  # the user the session runs for (limits, run-as-user)
+    Column("creator", String(64)),  # the token name that launched it, or "anonymous"
+    Column("creator_hash", String(64)),  # anonymous: sha256 of the browser's creator cookie
+    Column("cores", Integer, nullable=False, default=1),  # for compute-hour accounting
     Column("job_dir", Text),
     Column("token_hash", String(64)),  # sha256 of the job's callback token
     Column("attach_hash", String(64)),  # sha256 of the cookie that lets a retried POST re-attach
@@ -122,6 +126,10 @@ class SessionRecord:
     pid: int | None
     pid_start: int | None
     job_id: str | None
+    owner: str | None
+    creator: str | None
+    creator_hash: str | None
+    cores: int
     job_dir: str | None
     token_hash: str | None
     attach_hash: str | None
@@ -160,6 +168,10 @@ class TrackedJob:
     id: str
     state: SessionState
     job_id: str | None
+    owner: str | None
+    creator: str | None
+    creator_hash: str | None
+    cores: int
     job_dir: str | None
     log_path: str | None
     native_state: str | None
@@ -182,11 +194,18 @@ def make_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (below), as SQLAlchemy's docs advise
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
         cur.execute("PRAGMA busy_timeout=30000")  # wait for other processes' writes
         cur.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
         cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _sqlite_begin(conn: Any) -> None:
+        # BEGIN IMMEDIATE takes the write lock up front: a check-then-insert (quotas) is then
+        # atomic across threads and processes, and never fails with "database is locked" half way
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("immediate") else "BEGIN")
 
     return engine
 
@@ -223,12 +242,20 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
-    def create(self, **values: Any) -> SessionRecord:
-        """Insert a new ``submitted`` row; raises :class:`PortTaken` when host:port is held."""
+    def create(self, guard: Callable[[Connection], None] | None = None, **values: Any) -> SessionRecord:
+        """Insert a new ``submitted`` row; raises :class:`PortTaken` when host:port is held.
+
+        ``guard`` runs inside the same write-locked transaction just before the insert
+        (per-user limits): what it counts cannot change until the row is in.
+        """
         now = utcnow()
         values = {**values, "state": SessionState.SUBMITTED.value, "submitted_at": now, "updated_at": now}
         try:
-            with self.engine.begin() as conn:
+            with self.engine.connect().execution_options(immediate=True) as conn, conn.begin():
+                if guard is not None:
+                    if conn.dialect.name == "postgresql":  # serialise one user's launches
+                        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext(%s))", (values["owner"],))
+                    guard(conn)
                 conn.execute(insert(sessions).values(**values))
         except IntegrityError as exc:
             if values.get("holds_port"):

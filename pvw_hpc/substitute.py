@@ -25,7 +25,7 @@ from .errors import BadRequest
 from .validate import CONTROL_CHARS_RE, SAFE_CLIENT_VALUE_RE
 
 # keys the JS clients send that are never template variables
-CLIENT_CONTROL_KEYS = frozenset({"application", "wait", "sessionManagerURL"})
+CLIENT_CONTROL_KEYS = frozenset({"application", "wait", "sessionManagerURL", "user", "walltime"})
 
 
 @dataclass(frozen=True)

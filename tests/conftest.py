@@ -35,6 +35,8 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
+from pvw_hpc.auth import hash_token
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_APP = REPO_ROOT / "examples" / "demo" / "app.py"
 PVW_HPC_BIN = Path(sys.executable).parent / "pvw-hpc"
@@ -42,6 +44,8 @@ READY_LINE = "Starting factory"
 MARKER_ENV = "PVW_HPC_TEST_ROOT"
 SESSION_ENV = "PVW_HPC_SESSION_ID"
 TEXT_PLAIN = "text/plain;charset=UTF-8"  # what a browser XHR sends with a string body
+ADMIN_TOKEN = "pvw-hpc-test-admin-token"  # noqa: S105 - a test credential, hashed into every test config
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 HTTP_TIMEOUT_S = 60.0
 START_TIMEOUT_S = 20.0
 
@@ -253,11 +257,14 @@ class Launcher:
         body: dict[str, Any] = resp.json()
         return body
 
-    def get(self, session_id: str) -> requests.Response:
-        return requests.get(f"{self.endpoint}/{session_id}", timeout=HTTP_TIMEOUT_S)
+    def get(self, session_id: str, headers: dict[str, str] | None = None) -> requests.Response:
+        """GET a session as the test admin (pass ``headers={}`` to ask anonymously)."""
+        return requests.get(f"{self.endpoint}/{session_id}", timeout=HTTP_TIMEOUT_S,
+                            headers=ADMIN_HEADERS if headers is None else headers)
 
-    def delete(self, session_id: str) -> requests.Response:
-        return requests.delete(f"{self.endpoint}/{session_id}", timeout=HTTP_TIMEOUT_S)
+    def delete(self, session_id: str, headers: dict[str, str] | None = None) -> requests.Response:
+        return requests.delete(f"{self.endpoint}/{session_id}", timeout=HTTP_TIMEOUT_S,
+                               headers=ADMIN_HEADERS if headers is None else headers)
 
     def state(self, session_id: str) -> str:
         resp = self.get(session_id)
@@ -265,7 +272,7 @@ class Launcher:
         return str(resp.json()["state"])
 
     def sessions(self) -> list[dict[str, Any]]:
-        resp = requests.get(self.endpoint, timeout=HTTP_TIMEOUT_S)
+        resp = requests.get(self.endpoint, timeout=HTTP_TIMEOUT_S, headers=ADMIN_HEADERS)
         assert resp.status_code == 200, resp.text
         listed: list[dict[str, Any]] = resp.json()["sessions"]
         return listed
@@ -389,6 +396,9 @@ class LauncherFactory:
             "log_dir": str(root / "logs"),
             "fields": fields if fields is not None else ["host", "port"],
             "sanitize": sanitize or {},
+            # anonymous launches (the stock browser flow) plus an admin token the helpers use to read and stop
+            "auth": {"anonymous": True,
+                     "tokens": [{"name": "test-admin", "sha256": hash_token(ADMIN_TOKEN), "roles": ["admin"]}]},
             **(configuration or {}),
         }
         config: dict[str, Any] = {

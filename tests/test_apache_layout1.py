@@ -19,7 +19,7 @@ import pytest
 import requests
 from websockets.exceptions import InvalidStatus, WebSocketException
 
-from tests.conftest import TEXT_PLAIN, Launcher, LauncherFactory, wait_for
+from tests.conftest import ADMIN_HEADERS, TEXT_PLAIN, Launcher, LauncherFactory, wait_for
 from tests.support.apache import ApacheInstance, skip_reason
 from tests.support.wslink_client import WslinkError, connect_and_call
 
@@ -84,7 +84,7 @@ def test_launch_and_rpc_through_apache(front: tuple[Launcher, ApacheInstance], d
     assert out["results"][0] == 5
     assert out["results"][1]["port"] == body["port"]
 
-    resp = requests.delete(f"{apache.url}/paraview/{session_id}", timeout=30)
+    resp = requests.delete(f"{apache.url}/paraview/{session_id}", timeout=30, headers=ADMIN_HEADERS)
     assert resp.status_code == 200
     wait_for(lambda: session_id not in lau.map_text(), 2, "the map line to go")
     with pytest.raises(InvalidStatus) as info:
@@ -95,12 +95,12 @@ def test_launch_and_rpc_through_apache(front: tuple[Launcher, ApacheInstance], d
 def test_post_without_trailing_slash_and_get_through_apache(front: tuple[Launcher, ApacheInstance]) -> None:
     lau, apache = front
     body = _launch(apache, path="/paraview")
-    view = requests.get(f"{apache.url}/paraview/{body['id']}", timeout=30).json()
+    view = requests.get(f"{apache.url}/paraview/{body['id']}", timeout=30, headers=ADMIN_HEADERS).json()
     assert view["state"] == "ready"
     assert body["secret"] not in json.dumps(view)
     url = _wslink_decorate(body["sessionURL"], _page_host(apache))
     assert _call(apache, url, body["secret"])["results"][0] == 5
-    assert requests.delete(f"{apache.url}/paraview/{body['id']}", timeout=30).status_code == 200
+    assert requests.delete(f"{apache.url}/paraview/{body['id']}", timeout=30, headers=ADMIN_HEADERS).status_code == 200
 
 
 def test_errors_reach_the_client_as_json_through_apache(front: tuple[Launcher, ApacheInstance]) -> None:

@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 
 from pvw_hpc import procs
+from pvw_hpc.auth import hash_token
 
 REPO = Path(__file__).resolve().parents[1]
 PVW_HPC = str(Path(sys.executable).parent / "pvw-hpc")
+TOKEN = "cli-test-admin-token"  # noqa: S105 - a test credential
 
 
 def run(*args: str, config: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -34,7 +36,9 @@ def config() -> Iterator[Path]:
     path.write_text(json.dumps({
         "configuration": {"host": "127.0.0.1", "port": 0, "endpoint": "paraview",
                           "proxy_file": str(root / "proxy.txt"), "sessionURL": "ws://${host}:${port}/ws",
-                          "timeout": 10, "log_dir": str(root / "logs"), "fields": []},
+                          "timeout": 10, "log_dir": str(root / "logs"), "fields": [],
+                          "auth": {"anonymous": True, "tokens": [{"name": "ops", "sha256": hash_token(TOKEN),
+                                                                   "roles": ["admin"]}]}},
         "resources": [{"host": "127.0.0.1", "port_range": [23100, 23119]}],
         "properties": {"py": sys.executable, "demo": str(REPO / "examples/demo/app.py")},
         "apps": {
@@ -134,12 +138,15 @@ def test_submit_against_a_running_launcher(config: Path) -> None:
         assert res.returncode == 0, res.stderr
         body = json.loads(res.stdout)
         assert body["state"] == "ready" and len(body["secret"]) == 32
-        listed = run("list", "--url", url)
+        anonymous = run("list", "--url", url)  # another process, no creator cookie: sees nothing
+        assert body["id"] not in anonymous.stdout
+        listed = run("list", "--url", url, "--token", TOKEN)
         assert body["id"] in listed.stdout
-        stopped = run("cancel", body["id"], "--json", "--url", url)
+        assert run("cancel", body["id"], "--url", url).returncode == 1  # 401 without credentials
+        stopped = run("cancel", body["id"], "--json", "--url", url, "--token", TOKEN)
         assert json.loads(stopped.stdout)["state"] == "ended"
         deadline = time.monotonic() + 5
-        status = json.loads(run("status", body["id"], "--json", "--url", url).stdout)
+        status = json.loads(run("status", body["id"], "--json", "--url", url, "--token", TOKEN).stdout)
         assert status["state"] == "ended" and time.monotonic() < deadline
     finally:
         server.terminate()

@@ -24,6 +24,7 @@ import pytest
 import requests
 
 from tests.conftest import (
+    ADMIN_HEADERS,
     DEMO_APP,
     TEXT_PLAIN,
     Launcher,
@@ -70,7 +71,7 @@ def _rpc(session_url: str, secret: str) -> dict[str, Any]:
 
 
 def _get_json(url: str) -> Any:
-    resp = requests.get(url, timeout=30)
+    resp = requests.get(url, timeout=30, headers=ADMIN_HEADERS)
     assert resp.status_code == 200, resp.text
     assert resp.headers["Content-Type"].startswith("application/json")
     return resp.json()

@@ -20,6 +20,7 @@ import requests
 from websockets.exceptions import InvalidStatus
 
 from tests.conftest import (
+    ADMIN_HEADERS,
     DEMO_APP,
     SLURM_DEMO_APP,
     TEXT_PLAIN,
@@ -113,7 +114,7 @@ def test_session_runs_as_a_slurm_job_behind_apache(slurm_launcher: Launcher, apa
         assert stat.S_IMODE((job_dir / name).stat().st_mode) == 0o600
     assert secret not in (job_dir / "job.sh").read_text()  # the secret stays off the script and argv
 
-    deleted = requests.delete(f"{apache.url}/paraview/{session_id}", timeout=30)
+    deleted = requests.delete(f"{apache.url}/paraview/{session_id}", timeout=30, headers=ADMIN_HEADERS)
     assert deleted.status_code == 200 and deleted.json()["state"] == "ended"
     assert slurm_launcher.map_lines() == []
     wait_for(lambda: squeue(job_id) in ("CANCELLED", "COMPLETED", ""), 20, "squeue to show the job cancelled")

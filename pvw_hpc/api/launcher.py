@@ -10,16 +10,28 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify, request
 from flask.typing import ResponseReturnValue
 
+from ..auth import Identity
 from ..errors import LaunchError
 from . import current_service, parse_json_body
 
 ATTACH_COOKIE = "pvw_hpc_pending"
 ATTACH_MAX_AGE_S = 3600
+CREATOR_COOKIE = "pvw_hpc_creator"  # an anonymous browser's proof that it created its sessions
+CREATOR_MAX_AGE_S = 30 * 86400
+SECRET_HEADER = "X-Session-Secret"
 
 
-def set_attach_cookie(response: Response, endpoint: str, value: str | None) -> Response:
-    if value:
-        response.set_cookie(ATTACH_COOKIE, value, max_age=ATTACH_MAX_AGE_S, path=f"/{endpoint}",
+def identify() -> Identity:
+    """The caller: a bearer token, or an anonymous browser (with its creator cookie, if any)."""
+    return current_service().auth.identify(request.headers.get("Authorization"), request.cookies, CREATOR_COOKIE)
+
+
+def set_cookies(response: Response, endpoint: str, attach: str | None, creator: str | None = None) -> Response:
+    if attach:
+        response.set_cookie(ATTACH_COOKIE, attach, max_age=ATTACH_MAX_AGE_S, path=f"/{endpoint}",
+                            httponly=True, samesite="Lax")
+    if creator and request.cookies.get(CREATOR_COOKIE) != creator:
+        response.set_cookie(CREATOR_COOKIE, creator, max_age=CREATOR_MAX_AGE_S, path=f"/{endpoint}",
                             httponly=True, samesite="Lax")
     return response
 
@@ -33,29 +45,32 @@ def make_blueprint(endpoint: str) -> Blueprint:
     @bp.post(f"{base}/")
     def launch() -> ResponseReturnValue:
         try:
-            result = current_service().launch(parse_json_body(), attach=request.cookies.get(ATTACH_COOKIE))
+            identity = identify()
+            result = current_service().launch(parse_json_body(), attach=request.cookies.get(ATTACH_COOKIE),
+                                              identity=identity)
         except LaunchError as exc:
             response = jsonify(exc.body())
             response.status_code = exc.status
-            return set_attach_cookie(response, endpoint, exc.cookie)
+            return set_cookies(response, endpoint, exc.cookie)
         response = jsonify(result.body)
         response.status_code = result.status
         if result.status == 200 and request.cookies.get(ATTACH_COOKIE):
             response.delete_cookie(ATTACH_COOKIE, path=base)
-        return set_attach_cookie(response, endpoint, result.cookie)
+        return set_cookies(response, endpoint, result.cookie, result.creator_key)
 
     @bp.get(base)
     @bp.get(f"{base}/")
     def list_sessions() -> ResponseReturnValue:
-        return {"sessions": current_service().list()}
+        return {"sessions": current_service().list(identify())}
 
     @bp.get(f"{base}/<session_id>")
     def get_session(session_id: str) -> ResponseReturnValue:
-        return current_service().get(session_id)
+        return current_service().get(session_id, identify(), request.headers.get(SECRET_HEADER))
 
     @bp.delete(f"{base}/<session_id>")
     def delete_session(session_id: str) -> ResponseReturnValue:
-        return current_service().stop(session_id, reason="stopped by DELETE")
+        return current_service().stop(session_id, reason="stopped by DELETE", identity=identify(),
+                                      secret=request.headers.get(SECRET_HEADER))
 
     @bp.post(f"{base}/<session_id>/ready")
     def job_ready(session_id: str) -> ResponseReturnValue:

@@ -1,0 +1,180 @@
+"""Who is asking: bearer tokens for portals and admins, or an anonymous browser.
+
+Tokens are never stored: the config (or a token file) holds their SHA-256, and
+a presented token is hashed and compared against every entry with
+``hmac.compare_digest``, so neither the comparison nor the lookup leaks timing.
+Tokens are never logged. Roles:
+
+* ``launch``: start sessions for the user the request names (``"user"`` in the
+  body); read and stop the sessions this token started;
+* ``read``: read every session;
+* ``admin``: read, list and stop every session; implies the other two.
+
+Anonymous requests (the stock browser flow, which has no credentials) may
+launch only when the config allows it, and may then read or stop only the
+sessions they created: proven by the creator cookie set on the launch answer
+or by the session's own secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+import secrets
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import Forbidden, Unauthorized
+
+__all__ = ["Forbidden", "Unauthorized"]
+
+log = logging.getLogger(__name__)
+
+ROLES = ("launch", "read", "admin")
+USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\Z")
+ANONYMOUS_USER = "anonymous"
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class TokenEntry:
+    name: str
+    sha256: str
+    roles: frozenset[str]
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """``configuration.auth``; absent means anonymous launches allowed and no tokens (stock behaviour)."""
+
+    anonymous: bool = True
+    tokens: tuple[TokenEntry, ...] = ()
+    token_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The caller of one request."""
+
+    name: str  # token name, or "anonymous"
+    roles: frozenset[str] = field(default_factory=frozenset)
+    creator_key: str | None = None  # anonymous: the browser's creator cookie, if it sent one
+
+    @property
+    def anonymous(self) -> bool:
+        return not self.roles
+
+    def has(self, role: str) -> bool:
+        return "admin" in self.roles or role in self.roles
+
+
+LOCAL_ADMIN = Identity("local-admin", frozenset({"admin"}))  # the in-process CLI: it has the database anyway
+
+
+def parse_entries(raw: Any, path: str, error: Any) -> list[TokenEntry]:
+    """Check a list of ``{"name", "sha256", "roles"}``; problems go to ``error(path, message)``."""
+    if not isinstance(raw, list):
+        error(path, "must be a list of {name, sha256, roles}")
+        return []
+    entries = []
+    for i, item in enumerate(raw):
+        where = f"{path}[{i}]"
+        if not isinstance(item, dict):
+            error(where, "must be an object {name, sha256, roles}")
+            continue
+        name, digest, roles = item.get("name"), item.get("sha256"), item.get("roles")
+        if not isinstance(name, str) or not USER_RE.match(name):
+            error(f"{where}.name", "must be a short lower-case name")
+            continue
+        if not isinstance(digest, str) or not re.match(r"^[0-9a-f]{64}\Z", digest):
+            error(f"{where}.sha256", "must be the hex SHA-256 of the token (pvw-hpc new-token prints it)")
+            continue
+        if not isinstance(roles, list) or not roles or not all(r in ROLES for r in roles):
+            error(f"{where}.roles", f"must be a non-empty list of {', '.join(ROLES)}")
+            continue
+        entries.append(TokenEntry(name, digest, frozenset(roles)))
+    return entries
+
+
+def check_auth(raw: Any, error: Any) -> AuthConfig:
+    if raw is None:
+        return AuthConfig()
+    if not isinstance(raw, dict):
+        error("$.configuration.auth", "must be an object {anonymous, tokens, token_file}")
+        return AuthConfig()
+    anonymous = raw.get("anonymous", False)
+    if not isinstance(anonymous, bool):
+        error("$.configuration.auth.anonymous", "must be true or false")
+    tokens = parse_entries(raw.get("tokens", []), "$.configuration.auth.tokens", error)
+    token_file = raw.get("token_file")
+    if token_file is not None and not isinstance(token_file, str):
+        error("$.configuration.auth.token_file", "must be a path")
+        token_file = None
+    return AuthConfig(anonymous=anonymous is True, tokens=tuple(tokens),
+                      token_file=Path(token_file) if token_file else None)
+
+
+class Authenticator:
+    """Turns request credentials into an :class:`Identity`; re-reads the token file when it changes."""
+
+    def __init__(self, config: AuthConfig):
+        self.config = config
+        self._file_entries: list[TokenEntry] = []
+        self._file_mtime: int | None = None
+        self._lock = threading.Lock()
+
+    def identify(self, authorization: str | None, cookies: Mapping[str, str], cookie_name: str) -> Identity:
+        """Raises :class:`Unauthorized` for a token that matches no entry."""
+        if authorization:
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthorized("the Authorization header must be 'Bearer <token>'")
+            entry = self._match(token.strip())
+            if entry is None:
+                raise Unauthorized("unknown or revoked token")
+            return Identity(entry.name, entry.roles)
+        return Identity(ANONYMOUS_USER, creator_key=cookies.get(cookie_name) or None)
+
+    def _match(self, token: str) -> TokenEntry | None:
+        digest = hash_token(token)
+        found = None
+        for entry in (*self.config.tokens, *self._tokens_from_file()):
+            if hmac.compare_digest(entry.sha256, digest):  # no early exit: same work for every token
+                found = found or entry
+        return found
+
+    def _tokens_from_file(self) -> list[TokenEntry]:
+        path = self.config.token_file
+        if path is None:
+            return []
+        try:
+            mtime = path.stat().st_mtime_ns
+        except OSError:
+            log.error("token file %s is missing; only the config's tokens are accepted", path)
+            return []
+        with self._lock:
+            if mtime != self._file_mtime:
+                problems: list[str] = []
+                try:
+                    raw = json.loads(path.read_text())
+                except (OSError, ValueError) as exc:
+                    log.error("token file %s unreadable: %s", path, exc)
+                    return self._file_entries
+                entries = parse_entries(raw, str(path), lambda p, m: problems.append(f"{p}: {m}"))
+                for problem in problems:
+                    log.error("token file: %s", problem)
+                self._file_entries, self._file_mtime = entries, mtime
+            return self._file_entries
