@@ -153,6 +153,39 @@ def apache_config(server_name: str, listen: str, config_file: str | None) -> Non
     click.echo(vhost(_load(config_file), server_name=server_name, listen=listen), nl=False)
 
 
+@main.command()
+@click.option("--user", default=None, help="Only this user.")
+@config_option
+@json_option
+def usage(user: str | None, config_file: str | None, as_json: bool) -> None:
+    """Report each user's live sessions and core-hours used in the limits' window."""
+    service = Service(_load(config_file))
+    try:
+        report = service.usage(user)
+    finally:
+        service.close()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{'USER':20} {'ACTIVE':>6} {'CORE-HOURS':>11} {'BUDGET':>8} {'WINDOW':>7}")
+    for row in report:
+        budget = "-" if row["budget_core_hours"] is None else f"{row['budget_core_hours']:g}"
+        click.echo(f"{row['user']:20} {row['active_sessions']:>6} {row['core_hours']:>11.4f} {budget:>8} "
+                   f"{row['window_hours']:>6g}h")
+
+
+@main.command("new-token")
+@click.argument("name")
+@click.option("--role", "roles", multiple=True, type=click.Choice(["launch", "read", "admin"]), required=True)
+def new_token_cmd(name: str, roles: tuple[str, ...]) -> None:
+    """Make a bearer token: prints it once, and the entry to put in auth.tokens (only its hash)."""
+    from .auth import hash_token, new_token
+
+    token = new_token()
+    click.echo(f"token (give it to the portal; it is not stored): {token}")
+    click.echo(json.dumps({"name": name, "sha256": hash_token(token), "roles": sorted(set(roles))}))
+
+
 @main.command("flush-map")
 @config_option
 def flush_map(config_file: str | None) -> None:

@@ -152,7 +152,7 @@ def guard(limits: Limits, user: str, application: str, cores: int, walltime_s: i
         if limits.compute_hours is not None:
             used, oldest = core_hours_used(conn, user, limits.window_hours)
             if used >= limits.compute_hours:
-                extra: dict[str, Any] = {"limit": "compute_hours", "used_core_hours": round(used, 3)}
+                extra: dict[str, Any] = {"limit": "compute_hours", "used_core_hours": round(used, 6)}
                 if oldest is not None:
                     extra.update(_until(oldest + dt.timedelta(hours=limits.window_hours)))
                 raise TooManyRequests(

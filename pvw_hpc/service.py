@@ -258,6 +258,24 @@ class Service:
             log.error("could not cancel job %s of session %s: %s", record.job_id, record.id, exc)
             self.store.update(record.id, error=f"cancelling job {record.job_id} failed: {exc}")
 
+    def usage(self, user: str | None = None) -> list[dict[str, Any]]:
+        """Per user: live sessions and core-hours used in the limits' window (``pvw-hpc usage``)."""
+        window = self.config.limits.window_hours
+        owners = sorted({r.owner for r in self.store.list() if r.owner and (user is None or r.owner == user)})
+        if user is not None and user not in owners:
+            owners = [user]
+        report = []
+        with self.store.engine.connect() as conn:
+            for owner in owners:
+                used, _ = limits.core_hours_used(conn, owner, window)
+                active = [r for r in self.store.active() if r.owner == owner]
+                report.append({
+                    "user": owner, "active_sessions": len(active), "core_hours": round(used, 4),
+                    "window_hours": window, "budget_core_hours": self.config.limits.compute_hours,
+                    "max_sessions": self.config.limits.max_sessions_per_user,
+                })
+        return report
+
     def flush_map(self) -> int:
         """Rewrite the map file from the database now; returns the number of routes."""
         self.map.write_now()

@@ -290,3 +290,20 @@ def test_render_prints_the_exact_script_and_it_is_valid_bash(slurm_launcher: Lau
     assert "#SBATCH --no-requeue" in out and "#SBATCH --partition=debug" in out
     subprocess.run(["bash", "-n"], input=out, text=True, check=True)
     assert str(DEMO_APP) not in out  # the app's argv travels in spec.json, not in the script
+
+
+def test_walltime_over_the_limit_is_refused_before_any_job_is_submitted(launcher: LauncherFactory) -> None:
+    live = launcher(clusters={"slurm": {"scheduler": "slurm"}}, apps={"demo": DEMO},
+                    configuration={"limits": {"max_walltime": "00:30:00"}})
+    refused = live.post({"application": "demo", "walltime": "02:00:00"})
+    assert refused.status_code == 429
+    assert refused.json()["limit"] == "max_walltime" and "120 min" in refused.json()["error"]
+    assert live.db_rows() == [] and live.job_ids() == []
+    allowed = live.post({"application": "demo", "walltime": "00:20:00", "wait": False})
+    assert allowed.status_code == 202
+    job_id = allowed.json()["job_id"]
+    limit = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-O", "TimeLimit:|"], capture_output=True,
+                           text=True, timeout=30).stdout.strip().rstrip("|")
+    assert limit == "20:00"
+    bad = live.post({"application": "demo", "walltime": "soon"})
+    assert bad.status_code == 400
