@@ -213,11 +213,12 @@ def list_cmd(config_file: str | None, url: str | None, as_json: bool, token: str
     if as_json:
         click.echo(json.dumps(sessions, indent=2))
         return
-    click.echo(f"{'ID':36}  {'APPLICATION':16} {'STATE':9} {'HOST:PORT':24} SINCE")
+    click.echo(f"{'ID':36}  {'APPLICATION':16} {'STATE':9} {'HOST:PORT':24} {'SINCE':32} EXPIRES")
     for s in sessions:
         since = s["transitions"].get(s["state"], "")
         where = f"{s['host']}:{s['port']}" if s.get("host") else "-"
-        click.echo(f"{s['id']:36}  {s['application']:16} {s['state']:9} {where:24} {since}")
+        expires = s.get("expires_at") or ("idle " + f"{s['idle_timeout_s']:g}s" if s.get("idle_timeout_s") else "-")
+        click.echo(f"{s['id']:36}  {s['application']:16} {s['state']:9} {where:24} {since:32} {expires}")
 
 
 @main.command()

@@ -38,8 +38,9 @@ STOCK_CONFIGURATION_KEYS = frozenset(
     {"host", "port", "endpoint", "content", "proxy_file", "sessionURL", "timeout", "log_dir",
      "fields", "sanitize", "upload_dir"}
 )
-OUR_CONFIGURATION_KEYS = frozenset({"database", "threads", "auth", "limits"})
-APP_KEYS = frozenset({"cmd", "ready_line", "timeout", "env", "cwd", "cluster", "resources", "port"})
+OUR_CONFIGURATION_KEYS = frozenset({"database", "threads", "auth", "limits", "keep_ended"})
+APP_KEYS = frozenset({"cmd", "ready_line", "timeout", "env", "cwd", "cluster", "resources", "port",
+                      "max_age", "idle_timeout"})
 TOP_LEVEL_KEYS = frozenset({"configuration", "apps", "properties", "resources", "sessionData", "clusters"})
 
 # names the launcher sets itself; a client cannot supply them
@@ -111,6 +112,8 @@ class AppConfig:
     cluster: str | None = None  # None: the local backend
     resources: Mapping[str, Any] = field(default_factory=dict)  # job resources over the cluster's defaults
     port: int | None = None  # pin the app's port on the node (batch apps); default: a free one
+    max_age_s: float | None = None  # end a session this long after it started, whatever it does
+    idle_timeout_s: float | None = None  # end a ready session after this long without a client connection
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,7 @@ class LauncherConfig:
     database_url: str
     threads: int
     clusters: Mapping[str, ClusterConfig] = field(default_factory=dict)
+    keep_ended_s: float = 7 * 86400  # ended sessions stay listed this long, then rows, logs and job files go
     auth: AuthConfig = field(default_factory=AuthConfig)
     limits: Limits = field(default_factory=Limits)
     source: str = "<dict>"
@@ -256,6 +260,10 @@ class _Checker:
             if app.cluster is not None and app.cluster not in clusters:
                 self.error(f"$.apps.{name}.cluster", f"no cluster {app.cluster!r} in $.clusters")
         auth = check_auth(conf.get("auth"), self.error)
+        keep_ended = conf.get("keep_ended", 7 * 86400)
+        if not isinstance(keep_ended, (int, float)) or isinstance(keep_ended, bool) or keep_ended < 0:
+            self.error("$.configuration.keep_ended", "must be a number of seconds >= 0")
+            keep_ended = 7 * 86400
         limits = check_limits_config(conf.get("limits"), set(apps), self.error)
         if any(app.cluster is None for app in apps.values()) and not resources:
             self.error("$.resources", "local apps (no 'cluster') need at least one {host, port_range}")
@@ -275,7 +283,8 @@ class _Checker:
             proxy_file=Path(proxy_file), session_url=session_url, timeout_s=float(timeout),
             log_dir=Path(log_dir), fields=tuple(fields), sanitize=sanitize, properties=properties,
             session_data=session_data, apps=apps, resources=resources, database_url=database,
-            threads=threads, clusters=clusters, auth=auth, limits=limits, source=source,
+            threads=threads, clusters=clusters, auth=auth, limits=limits, keep_ended_s=float(keep_ended),
+            source=source,
         )
 
     # -- sections -------------------------------------------------------------------------
@@ -425,6 +434,13 @@ class _Checker:
             port = app.get("port")
             if port is not None and not (_is_int(port) and 1 <= port <= 65535):
                 self.error(f"{path}.port", "must be a TCP port 1..65535")
+            lifetimes = {}
+            for key in ("max_age", "idle_timeout"):
+                value = app.get(key)
+                if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
+                    self.error(f"{path}.{key}", "must be a positive number of seconds")
+                    value = None
+                lifetimes[key] = float(value) if value is not None else None
             if bad:
                 continue
             apps[name] = AppConfig(
@@ -433,6 +449,7 @@ class _Checker:
                 env=dict(env), cwd=cwd if isinstance(cwd, str) else None,
                 cluster=cluster if isinstance(cluster, str) else None, resources=resources,
                 port=port if _is_int(port) else None,
+                max_age_s=lifetimes["max_age"], idle_timeout_s=lifetimes["idle_timeout"],
             )
         return apps
 

@@ -19,6 +19,7 @@ import waitress
 
 from .api import create_app
 from .config import LauncherConfig
+from .housekeeping import Housekeeper
 from .poller import Poller
 from .service import Service
 
@@ -43,6 +44,8 @@ def serve(config: LauncherConfig) -> None:
     service.start()
     poller = Poller(service)
     poller.start()
+    housekeeper = Housekeeper(service)
+    housekeeper.start()
     app = create_app(service=service)
     server = waitress.create_server(app, host=config.host, port=config.port, threads=config.threads,
                                     ident="pvw-hpc", channel_timeout=300)
@@ -62,5 +65,6 @@ def serve(config: LauncherConfig) -> None:
     try:
         server.run()
     finally:
+        housekeeper.stop()
         poller.stop()
         service.close()

@@ -7,6 +7,7 @@ choice, states, map file) live in one place.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 import logging
@@ -222,14 +223,25 @@ class Service:
         self._authorize(record, identity, secret, stop=False)
         if record.state == SessionState.READY and self.map.pending():
             self.map.sync()  # "ready" promises a route: never answer it before the line is on disk
-        return session_view(record)
+        return self.view(record)
+
+    def view(self, record: SessionRecord) -> dict[str, Any]:
+        """The session's JSON plus its lifetime limits (when it will be stopped)."""
+        body = session_view(record)
+        app = self.config.apps.get(record.application)
+        if app is not None and not record.is_final:
+            if app.max_age_s and record.starting_at:
+                body["expires_at"] = (record.starting_at + dt.timedelta(seconds=app.max_age_s)).isoformat()
+            if app.idle_timeout_s:
+                body["idle_timeout_s"] = app.idle_timeout_s
+        return body
 
     def list(self, identity: Identity = LOCAL_ADMIN) -> list[dict[str, Any]]:
         """Every session for admins and readers; a launcher token or a browser sees its own."""
         records = self.store.list()
         if not identity.has("read"):
             records = [r for r in records if self._owns(r, identity)]
-        return [session_view(r) for r in records]
+        return [self.view(r) for r in records]
 
     def stop(self, session_id: str, reason: str = "stopped by request", identity: Identity = LOCAL_ADMIN,
              secret: str | None = None) -> dict[str, Any]:

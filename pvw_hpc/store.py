@@ -336,6 +336,14 @@ class Store:
         with self.engine.begin() as conn:
             return conn.execute(stmt).rowcount == 1
 
+    def delete(self, session_ids: Iterable[str]) -> None:
+        """Forget sessions for good (purging); only final ones are ever passed."""
+        ids = list(session_ids)
+        if ids:
+            with self.engine.begin() as conn:
+                conn.execute(sessions.delete().where(sessions.c.id.in_(ids),
+                                                     sessions.c.state.in_([s.value for s in FINAL_STATES])))
+
     def update(self, session_id: str, **fields: Any) -> None:
         """Change non-state fields (pid, log path...)."""
         if "state" in fields:
