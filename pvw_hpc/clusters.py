@@ -5,6 +5,13 @@ files live, and default resources; an app bound to it (``apps.<name>.cluster``)
 may override those resources. Every resource value is checked here against a
 strict pattern, because it ends up in a ``#SBATCH``-style directive line that
 no shell quoting protects.
+
+``submit_prefix`` makes jobs run as the requesting user: a list of strings
+put in front of ``sbatch`` (and of that job's ``scancel``) with ``${user}``
+replaced by the user name, e.g. ``["sudo", "-n", "-u", "${user}"]`` with a
+sudoers rule like ``pvwhpc ALL=(%hpcusers) NOPASSWD: /usr/bin/sbatch,
+/usr/bin/scancel``. It is argv, never a shell line, and the user name is
+checked by :func:`is_valid_user` where it is substituted.
 """
 
 from __future__ import annotations
@@ -14,6 +21,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .batch.base import USER_PLACEHOLDER
+from .batch.base import is_valid_user as is_valid_user  # re-exported: the service checks names with it
 
 SCHEDULERS = ("slurm",)
 ACCESS_MODES = {"slurm": ("cli", "rest")}
@@ -76,11 +86,14 @@ class ClusterConfig:
     command_timeout_s: float = 30.0
     commands: Mapping[str, str] = field(default_factory=dict)
     rest: RestAccess | None = None
+    # argv before sbatch/scancel to run them as the requesting user, with ${user} in it; empty:
+    # jobs run as the launcher's user
+    submit_prefix: tuple[str, ...] = ()
 
 
 CLUSTER_KEYS = frozenset({
     "scheduler", "access", "job_dir", "template", "callback_url", "python", "node_address", "requeue",
-    "defaults", "poll_fast_s", "poll_slow_s", "command_timeout_s", "commands", "rest",
+    "defaults", "poll_fast_s", "poll_slow_s", "command_timeout_s", "commands", "rest", "submit_prefix",
 })
 
 Report = Callable[[str, str], None]
@@ -170,14 +183,47 @@ def check_clusters(raw: Any, report_error: Report, warn: Report) -> dict[str, Cl
         if access == "rest":
             rest = _check_rest(c.get("rest"), f"{path}.rest", error)
         defaults = check_resources(c.get("defaults"), f"{path}.defaults", error)
+        submit_prefix = check_submit_prefix(c.get("submit_prefix"), access, f"{path}.submit_prefix", error, warn)
         if len(seen) != before:
             continue
         clusters[name] = ClusterConfig(
             name=name, scheduler=scheduler, job_dir=Path(job_dir), access=access, template=template,
             callback_url=callback.rstrip("/") if callback else None, python=python, node_address=node_address,
-            requeue=requeue, defaults=defaults, commands=dict(commands), rest=rest, **timings,
+            requeue=requeue, defaults=defaults, commands=dict(commands), rest=rest, submit_prefix=submit_prefix,
+            **timings,
         )
     return clusters
+
+
+def check_submit_prefix(raw: Any, access: str, path: str, error: Report, warn: Report) -> tuple[str, ...]:
+    """Check ``submit_prefix``: argv strings with ``${user}`` in them, nothing else to expand.
+
+    Only ``${user}`` is replaced, so any other ``${...}`` is refused instead of being passed
+    on literally. The command itself (the first word) must be fixed by the admin, never a
+    user name. ``sudo`` without ``-n`` would fail anyway (commands get no terminal) but
+    with a less clear message, hence the warning.
+    """
+    if raw is None or raw == []:
+        return ()
+    if not isinstance(raw, list) or not raw or not all(isinstance(v, str) and v and _LINE.match(v) for v in raw):
+        error(path, "must be a list of non-empty one-line strings, e.g. [\"sudo\", \"-n\", \"-u\", \"${user}\"]")
+        return ()
+    if access != "cli":
+        error(path, "only works with access 'cli' (slurmrestd authenticates users by their own tokens)")
+        return ()
+    if not any(USER_PLACEHOLDER in part for part in raw):
+        error(path, "must contain ${user} (the user the job runs as), e.g. [\"sudo\", \"-n\", \"-u\", \"${user}\"]")
+        return ()
+    if USER_PLACEHOLDER in raw[0]:
+        error(path, "the first word is the command to run (e.g. sudo), not ${user}")
+        return ()
+    leftover = [part for part in raw if "${" in part.replace(USER_PLACEHOLDER, "")]
+    if leftover:
+        error(path, f"only ${{user}} is replaced; remove the other placeholders in {leftover!r}")
+        return ()
+    if Path(raw[0]).name == "sudo" and "-n" not in raw and "--non-interactive" not in raw:
+        warn(path, "sudo without -n: add -n so a missing sudoers rule fails with a clear message")
+    return tuple(raw)
 
 
 def _check_rest(raw: Any, path: str, error: Report) -> RestAccess | None:

@@ -9,13 +9,25 @@ Templates are Jinja2 with ``StrictUndefined``; every ``{{ }}`` value is
 shell-quoted unless marked ``|raw`` (only admin-written prologue lines are),
 so a forgotten filter cannot turn into an injection. A cluster's own
 ``template`` is searched first, then the templates shipped in ``jobscripts/``.
+
+When jobs run as the requesting user (``submit_prefix``), the session folder
+and its files belong to that user and their primary group, with the same
+modes, so only they (and root) can read the secret and the token; the job
+writes its log and ``exit_code`` there as that user. Giving files away needs
+root (CAP_CHOWN), and ``job_dir`` and every folder above it must let the user
+pass (mode 0711 or 0755; ``write_job_files`` checks the mode bits and refuses
+otherwise, as a job there could not even start).
 """
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pwd
 import shlex
+import shutil
+import stat
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -24,7 +36,7 @@ from typing import Any
 import jinja2
 
 from .batch.base import JobScript
-from .clusters import RESOURCE_RULES, ClusterConfig
+from .clusters import RESOURCE_RULES, ClusterConfig, is_valid_user
 
 # placeholders the launcher cannot fill (the node decides); the job side replaces them
 SENTINELS = {
@@ -33,6 +45,10 @@ SENTINELS = {
     "secret": "@@pvw-secret@@",
     "secret_file": "@@pvw-secret-file@@",
 }
+
+
+class JobFilesError(OSError):
+    """The job folder cannot be made for the requested owner (an OSError: the service already catches those)."""
 
 
 class RawShell(str):
@@ -138,23 +154,102 @@ def write_job_files(
     secret: str,
     token: str,
     callback_url: str | None,
+    owner: str | None = None,
+    idle_timeout_s: float | None = None,
 ) -> JobScript:
-    """Create the session's job folder; files holding secrets are 0600 from the start."""
+    """Create the session's job folder; files holding secrets are 0600 from the start.
+
+    ``owner``: the user the job runs as (``submit_prefix``); the folder and its files are
+    then theirs (uid and primary gid) and the returned script carries ``user=owner``.
+    Each file is handed over right after it is created, and the folder last: until then
+    it is root's 0700, so the user never sees a half-written folder and nobody can swap
+    a file under us. On failure nothing is left behind. Raises :class:`JobFilesError`
+    (an unknown or refused user, a job_dir the user cannot reach, or no right to chown).
+    """
     files = job_files(cluster, session_id)
+    ids = _owner_ids(owner) if owner is not None else None
     cluster.job_dir.mkdir(parents=True, exist_ok=True)
+    if owner is not None and ids is not None:
+        _check_reachable(cluster.job_dir, owner, *ids)
     files.dir.mkdir(mode=0o700)
     spec = {
         "session_id": session_id, "argv": argv, "env": env, "ready_line": ready_line, "port": port, "cwd": cwd,
-        "callback_url": callback_url, "node_address": cluster.node_address,
+        "callback_url": callback_url, "node_address": cluster.node_address, "idle_timeout_s": idle_timeout_s,
     }
-    _write(files.spec, json.dumps(spec, indent=1), 0o600)
-    _write(files.secret, secret + "\n", 0o600)
-    _write(files.token, token + "\n", 0o600)
-    _write(files.script, script, 0o700)
-    return JobScript(text=script, name=job_name(session_id), path=files.script, workdir=files.dir)
+    try:
+        _write(files.spec, json.dumps(spec, indent=1), 0o600, ids)
+        _write(files.secret, secret + "\n", 0o600, ids)
+        _write(files.token, token + "\n", 0o600, ids)
+        _write(files.script, script, 0o700, ids)
+        if ids is not None:
+            os.chown(files.dir, ids[0], ids[1])
+    except BaseException as exc:
+        shutil.rmtree(files.dir, ignore_errors=True)
+        if isinstance(exc, PermissionError) and ids is not None:
+            raise JobFilesError(f"cannot give the job folder to user {owner!r}: {exc.strerror} "
+                                "(running jobs as the requesting user needs a launcher running as root)") from exc
+        raise
+    return JobScript(text=script, name=job_name(session_id), path=files.script, workdir=files.dir, user=owner)
 
 
-def _write(path: Path, text: str, mode: int) -> None:
+def job_owner(job_dir: str | Path) -> str | None:
+    """The user a session's job folder was given to, or None when it is the launcher's own (or gone).
+
+    The service passes it to ``adapter.cancel(job_id, user=...)``: the folder's owner is
+    who the job runs as, so nothing new needs storing.
+    """
+    try:
+        uid = os.stat(job_dir).st_uid
+    except OSError:
+        return None
+    if uid == os.geteuid():
+        return None
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+    return name if is_valid_user(name) else None
+
+
+def _owner_ids(owner: str) -> tuple[int, int, frozenset[int]]:
+    """uid, primary gid and all group ids of ``owner``; JobFilesError for a refused or unknown name."""
+    if not is_valid_user(owner):
+        raise JobFilesError(f"refusing to make job files for user {owner!r}: not a valid user name "
+                            "(lowercase letters, digits, _ and -, at most 32, not root)")
+    try:
+        entry = pwd.getpwnam(owner)
+    except KeyError:
+        raise JobFilesError(f"cannot make job files for user {owner!r}: no such user on the launcher host") from None
+    return entry.pw_uid, entry.pw_gid, frozenset(os.getgrouplist(owner, entry.pw_gid))
+
+
+def _check_reachable(folder: Path, owner: str, uid: int, gid: int, groups: frozenset[int]) -> None:
+    """Refuse when ``owner`` cannot pass through ``folder`` or a folder above it (mode bits; ACLs not read).
+
+    Without search (x) permission on every level the job could not open its own script,
+    and sbatch would fail with a far less helpful message.
+    """
+    for level in (folder, *folder.parents):
+        info = level.stat()
+        if info.st_uid == uid:
+            bit = stat.S_IXUSR
+        elif info.st_gid in groups:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not info.st_mode & bit:
+            try:
+                group = grp.getgrgid(info.st_gid).gr_name
+            except KeyError:
+                group = str(info.st_gid)
+            raise JobFilesError(
+                f"user {owner!r} cannot reach the job folders: {level} is mode {stat.S_IMODE(info.st_mode):04o} "
+                f"(owner uid {info.st_uid}, group {group}); make it 0711 or 0755 so jobs can run as their users")
+
+
+def _write(path: Path, text: str, mode: int, ids: tuple[int, int, frozenset[int]] | None = None) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "w") as fh:
+        if ids is not None:
+            os.fchown(fd, ids[0], ids[1])
         fh.write(text)

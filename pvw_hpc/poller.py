@@ -14,19 +14,22 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .batch.base import JobId, JobInfo, JobState, Presence
+from .batch.base import BatchError, JobId, JobInfo, JobState, Presence
+from .jobs import job_name
 from .local import log_tail
 from .service import Service
 from .states import SessionState
 from .store import TrackedJob
-from .validate import is_valid_host, is_valid_port
+from .validate import is_session_id, is_valid_host, is_valid_port
 
 log = logging.getLogger(__name__)
 
+RECONCILE_EVERY_S = 60.0  # also after start: jobs by name against sessions
 MAX_BACKOFF_S = 15.0  # while a scheduler is down: keep asking, at most this far apart
 _MARKER_RE = re.compile(rb"PVW-HPC-READY ([0-9a-f-]{36}) (\S+):(\d+)\r?\n")
 
@@ -67,14 +70,71 @@ class Poller:
             self._thread = None
 
     def _run(self) -> None:
+        last_reconcile = time.monotonic()  # serve ran the startup reconcile before listening
         while not self._stop.is_set():
             try:
+                if time.monotonic() - last_reconcile >= RECONCILE_EVERY_S:
+                    self.reconcile()
+                    last_reconcile = time.monotonic()
                 interval = self.tick()
             except Exception:  # the poller must outlive any one bad cycle
                 log.exception("poller cycle failed")
                 interval = 5.0
             self._wake.wait(interval)
             self._wake.clear()
+
+    # -- jobs and sessions agree -------------------------------------------------------------
+
+    def reconcile(self, startup: bool = False) -> dict[str, int]:
+        """Make every cluster's live ``pvw-<id>`` jobs and our sessions agree (after a crash, say).
+
+        The session row is written before its job is submitted and the job name
+        carries the session id, so: a job whose session never got its job id is
+        adopted; a job whose session is over, or that has no session at all but
+        lives in our job folder, is cancelled; and at ``startup`` (before any
+        request is served) a session still waiting for a job id with no job
+        behind it failed before its submit went through.
+        """
+        counts = {"adopted": 0, "cancelled": 0, "failed": 0}
+        for name, cluster in self.service.config.clusters.items():
+            adapter = self.service.adapters[name]
+            try:
+                jobs = adapter.find_named(job_name(""))
+            except (BatchError, NotImplementedError) as exc:
+                log.warning("cluster %s: cannot list jobs by name to reconcile: %s", name, exc)
+                continue
+            named = {info.name[len(job_name("")):]: info for info in jobs.values() if info.name}
+            for session_id, info in named.items():
+                if not is_session_id(session_id):
+                    continue
+                record = self.store.get(session_id)
+                ours = info.workdir is not None and Path(info.workdir) == cluster.job_dir / session_id
+                if record is None or record.backend != name:
+                    if ours:  # submitted by a launcher that died before committing anything else
+                        self._cancel(name, info.job_id, f"job {info.job_id} has no session")
+                        counts["cancelled"] += 1
+                elif record.is_final:
+                    self._cancel(name, info.job_id, f"job {info.job_id} outlived its session {session_id}")
+                    counts["cancelled"] += 1
+                elif record.job_id is None:
+                    self.store.update(session_id, job_id=info.job_id)
+                    if self.store.transition(session_id, SessionState.QUEUED):
+                        self.service.notify(session_id, SessionState.QUEUED)
+                    log.info("adopted job %s of session %s", info.job_id, session_id)
+                    counts["adopted"] += 1
+            for job in self.store.tracked(name) if startup else []:
+                if job.job_id is None and job.state == SessionState.SUBMITTED and job.id not in named:
+                    self._move(job, SessionState.FAILED,
+                               error="the launcher stopped before the job was submitted; nothing is running")
+                    counts["failed"] += 1
+        return counts
+
+    def _cancel(self, cluster: str, job_id: JobId, why: str) -> None:
+        log.warning("%s: cancelling it", why)
+        try:
+            self.service.adapters[cluster].cancel(job_id)
+        except BatchError as exc:
+            log.error("cancelling job %s failed: %s", job_id, exc)
 
     # -- one cycle --------------------------------------------------------------------------
 
@@ -179,6 +239,9 @@ class Poller:
         what = info.native_state or "ended"
         if info.reason:
             what += f" ({info.reason})"
+        told = _read_job_file(record, "end_reason")  # the job side's own word, e.g. stopped when idle
+        if told:
+            what += f": {told}"
         if record.state == SessionState.READY and info.state == JobState.COMPLETED:
             self._move(record, SessionState.ENDED, exit_code=exit_code, end_reason=f"job {record.job_id} {what}")
         else:
@@ -230,14 +293,18 @@ def _read_markers(path: Path, scan: _LogScan) -> Iterable[tuple[str, str, int]]:
     return found
 
 
-def _read_exit_code(record: TrackedJob) -> int | None:
+def _read_job_file(record: TrackedJob, name: str) -> str | None:
     if not record.job_dir:
         return None
     try:
-        text = (Path(record.job_dir) / "exit_code").read_text().strip()
+        return (Path(record.job_dir) / name).read_text(errors="replace").strip()[:500]
     except OSError:
         return None
-    return int(text) if text.lstrip("-").isdigit() else None
+
+
+def _read_exit_code(record: TrackedJob) -> int | None:
+    text = _read_job_file(record, "exit_code")
+    return int(text) if text and text.lstrip("-").isdigit() else None
 
 
 def _size(path: str | None) -> int:

@@ -43,6 +43,8 @@ def serve(config: LauncherConfig) -> None:
     service = Service(config)
     service.start()
     poller = Poller(service)
+    if config.clusters:
+        log.info("reconciled jobs and sessions: %s", poller.reconcile(startup=True))
     poller.start()
     housekeeper = Housekeeper(service)
     housekeeper.start()

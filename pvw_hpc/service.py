@@ -265,7 +265,11 @@ class Service:
         if adapter is None or not record.job_id:
             return
         try:
-            adapter.cancel(JobId(record.job_id))
+            owner = jobs.job_owner(record.job_dir) if record.job_dir else None
+            if owner:  # a job submitted as the user is cancelled as the user, through the same prefix
+                adapter.cancel(JobId(record.job_id), user=owner)
+            else:
+                adapter.cancel(JobId(record.job_id))
         except (BatchError, CommandFailed) as exc:
             log.error("could not cancel job %s of session %s: %s", record.job_id, record.id, exc)
             self.store.update(record.id, error=f"cancelling job {record.job_id} failed: {exc}")
@@ -331,6 +335,8 @@ class Service:
                 cluster, session_id, script=script, argv=list(rendered.argv), env=env, ready_line=app.ready_line,
                 port=app.port, cwd=app.cwd, secret=secret, token=token,
                 callback_url=self.listening_url if cluster.callback_url == "auto" else cluster.callback_url,
+                owner=requester.user if cluster.submit_prefix else None,  # run as the user: files are theirs
+                idle_timeout_s=app.idle_timeout_s,
             )
             job_id = adapter.submit(job_script)
         except (OSError, BatchError, CommandFailed) as exc:

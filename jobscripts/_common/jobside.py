@@ -81,6 +81,38 @@ def call_back(url, token, host, port):
             time.sleep(0.5 * (attempt + 1))
 
 
+def has_client(port):
+    """True when this node has an established TCP connection on ``port`` (the app's clients)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                next(fh, None)
+                for line in fh:
+                    fields = line.split()
+                    if len(fields) > 3 and fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        return True
+        except OSError:
+            continue
+    return False
+
+
+def watch_idle(proc, port, limit_s, job_dir, out, write_lock):
+    """Stop the app after ``limit_s`` seconds without a client: the launcher cannot see the node's sockets."""
+    last = time.monotonic()
+    while proc.poll() is None:
+        time.sleep(min(2.0, limit_s / 4))
+        if has_client(port):
+            last = time.monotonic()
+        elif time.monotonic() - last > limit_s:
+            reason = "idle: no client for %g s" % limit_s
+            write_atomic(os.path.join(job_dir, "end_reason"), reason + "\n")
+            with write_lock:
+                out.write(("\npvw-hpc: %s, stopping the app\n" % reason).encode())
+                out.flush()
+            proc.terminate()
+            return
+
+
 def main():
     job_dir = os.environ["PVW_JOB_DIR"]
     with open(os.path.join(job_dir, "spec.json")) as fh:
@@ -135,6 +167,9 @@ def main():
         if spec.get("callback_url"):
             url = "%s/%s/ready" % (spec["callback_url"], spec["session_id"])
             threading.Thread(target=call_back, args=(url, token, host, port), daemon=True).start()
+        if spec.get("idle_timeout_s"):
+            threading.Thread(target=watch_idle, daemon=True,
+                             args=(proc, port, spec["idle_timeout_s"], job_dir, out, write_lock)).start()
 
     needle = spec["ready_line"].encode() if spec.get("ready_line") else None
     if needle is None:  # no ready line: ready once the port accepts connections

@@ -28,10 +28,11 @@ def create_app(config: LauncherConfig | None = None, *, service: Service | None 
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the stock key order
     app.extensions["pvw_hpc"] = service
 
-    from . import health, launcher
+    from . import health, launcher, openapi
 
     app.register_blueprint(health.bp)
     app.register_blueprint(launcher.make_blueprint(service.config.endpoint))
+    app.register_blueprint(openapi.bp)  # after the stock routes: they win if the endpoint is named 'openapi.json'
     _register_content(app, service.config)
     _register_errors(app)
     return app

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,13 +47,18 @@ class JobState(enum.Enum):
 
 @dataclass(frozen=True)
 class JobScript:
-    """A rendered job script and where it lives. ``name`` carries the session id."""
+    """A rendered job script and where it lives. ``name`` carries the session id.
+
+    ``user`` is who the job runs as when the cluster has a ``submit_prefix`` (see
+    :func:`expand_prefix`); None means the launcher's own user.
+    """
 
     text: str
     name: str
     path: Path
     workdir: Path
     env: Mapping[str, str] = field(default_factory=dict)
+    user: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,8 @@ class JobInfo:
     reason: str | None = None
     exit_code: int | None = None
     start_estimate: dt.datetime | None = None
+    name: str | None = None  # the job name; ours carry the session id
+    workdir: str | None = None
     raw: Any = None
 
 
@@ -94,10 +102,54 @@ class BatchAdapter(Protocol):
     def history(self, job_ids: Collection[JobId]) -> dict[JobId, JobInfo]:
         """Final records of jobs the queue no longer shows (ABSENT when unknown there too)."""
 
-    def cancel(self, job_id: JobId) -> None:
-        """Cancel; cancelling a job that is gone succeeds. Raises :class:`BatchError`."""
+    def find_named(self, prefix: str) -> dict[JobId, JobInfo]:
+        """Every live job whose name starts with ``prefix`` (ONE call); raises :class:`BatchError`.
+
+        How a restarted launcher finds jobs it submitted but never recorded.
+        """
+
+    def cancel(self, job_id: JobId, user: str | None = None) -> None:
+        """Cancel; cancelling a job that is gone succeeds. Raises :class:`BatchError`.
+
+        ``user``: the job's owner, for adapters that submit through a ``submit_prefix``
+        (the cancel goes through the same prefix). Callers pass it only when not None, so
+        adapters written before it existed keep working.
+        """
 
 
 def failed_query(job_ids: Collection[JobId], why: str) -> dict[JobId, JobInfo]:
     """The answer for every id when the scheduler could not be asked."""
     return {j: JobInfo(j, Presence.QUERY_FAILED, reason=why) for j in job_ids}
+
+
+# -- running jobs as the requesting user ------------------------------------------------------
+
+USER_PLACEHOLDER = "${user}"
+# POSIX "portable" login names, at most 32 characters (the useradd limit): a name that can
+# never look like an option ("-u", "--"), a sudo uid ("#0"), a path or a shell word.
+_USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}\Z")
+REFUSED_USERS = frozenset({"root"})
+
+
+def is_valid_user(name: object) -> bool:
+    """True for a user name a job may run as.
+
+    The name is substituted into the submit prefix (``sudo -n -u ${user}``), so it must
+    be inert there: portable POSIX characters only, nothing that sudo or getopt would
+    read as something else. ``root`` is refused on purpose: running jobs as the
+    requesting user is about dropping privileges, and a request that maps to root is a
+    misconfiguration (or an attack) whatever sudoers says.
+    """
+    return isinstance(name, str) and bool(_USER_NAME.match(name)) and name not in REFUSED_USERS
+
+
+def expand_prefix(prefix: Sequence[str], user: str) -> list[str]:
+    """``prefix`` with every ``${user}`` replaced by ``user``; raises :class:`BatchError` for a bad name.
+
+    Checked here, at the point of use, and not only where the name came from, so no
+    path into an adapter can put an unchecked name in front of ``sbatch``.
+    """
+    if not is_valid_user(user):
+        raise BatchError(f"refusing to run a job as {user!r}: not a valid user name "
+                         "(lowercase letters, digits, _ and -, at most 32, not root)")
+    return [part.replace(USER_PLACEHOLDER, user) for part in prefix]

@@ -4,11 +4,20 @@ Every adapter runs its commands through :class:`CommandRunner`, so a hung
 ``squeue`` cannot stall the poller, transient failures are retried with
 backoff (tenacity), and tests or sites can point a command at another binary
 (``bin_overrides``, e.g. a wrapper that ssh-es to a login node).
+
+A ``prefix`` (a cluster's ``submit_prefix`` such as ``sudo -n -u alice``) goes in
+front of the already overridden command, so the override still names the real
+binary that a sudoers rule matches. Every command runs in its own session with
+stdin from /dev/null: it has no controlling terminal, so a ``sudo`` that wants
+a password fails at once instead of waiting for one, and a timeout kills the
+whole process group (``runuser`` -> ``sudo`` -> ``sbatch``), not just its head.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,8 +57,9 @@ class CommandRunner:
     env: Mapping[str, str] | None = None
 
     def run(self, argv: Sequence[str], *, stdin: str | None = None, check: bool = True,
-            attempts: int | None = None) -> Result:
-        argv = [self.bin_overrides.get(argv[0], argv[0]), *argv[1:]]
+            attempts: int | None = None, prefix: Sequence[str] = (), umask: int | None = None) -> Result:
+        """Run ``[*prefix, *argv]`` (``argv[0]`` through ``bin_overrides``); ``umask`` for the child only."""
+        argv = [*prefix, self.bin_overrides.get(argv[0], argv[0]), *argv[1:]]
         retrying = Retrying(
             stop=stop_after_attempt(attempts or self.attempts),
             wait=wait_exponential(multiplier=self.backoff_s, max=5),
@@ -58,25 +68,41 @@ class CommandRunner:
         )
         for attempt in retrying:
             with attempt:
-                return self._once(argv, stdin, check)
+                return self._once(argv, stdin, check, umask)
         raise AssertionError("unreachable")
 
-    def _once(self, argv: list[str], stdin: str | None, check: bool) -> Result:
+    def _once(self, argv: list[str], stdin: str | None, check: bool, umask: int | None = None) -> Result:
         try:
-            proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=self.timeout_s,
-                                  env=None if self.env is None else dict(self.env))
-        except subprocess.TimeoutExpired as exc:
-            raise CommandFailed(argv, None, _text(exc.stdout), _text(exc.stderr),
-                                f"timed out after {self.timeout_s:g} s") from None
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True, env=None if self.env is None else dict(self.env),
+                start_new_session=True, umask=-1 if umask is None else umask,
+            )
         except OSError as exc:
             raise CommandFailed(argv, None, "", "", f"cannot run: {exc}") from None
+        try:
+            stdout, stderr = proc.communicate(stdin, timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            stdout, stderr = proc.communicate()
+            raise CommandFailed(argv, None, stdout or "", stderr or "",
+                                f"timed out after {self.timeout_s:g} s") from None
+        except BaseException:
+            _kill_group(proc)
+            proc.wait()
+            raise
         if check and proc.returncode != 0:
-            raise CommandFailed(argv, proc.returncode, proc.stdout, proc.stderr,
-                                f"exit {proc.returncode}: {proc.stderr.strip()[:500]}")
-        return Result(proc.returncode, proc.stdout, proc.stderr)
+            raise CommandFailed(argv, proc.returncode, stdout, stderr,
+                                f"exit {proc.returncode}: {stderr.strip()[:500]}")
+        return Result(proc.returncode, stdout, stderr)
 
 
-def _text(data: bytes | str | None) -> str:
-    if data is None:
-        return ""
-    return data if isinstance(data, str) else data.decode("utf-8", "replace")
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL the command's process group (its pid: it leads its own session)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    except PermissionError:  # a member changed user (sudo -u) and we are not root: at least the head
+        proc.kill()
+

@@ -5,17 +5,23 @@ still show; ``-O`` fields each followed by ``|``, which 22.05 prints unpadded).
 Jobs the queue has purged are looked up in ``sacct -P`` (``sacct -c -P`` when
 there is no slurmdbd, reading ``jobcomp/filetxt``). Parsers are pure functions
 so they are tested on output captured from a real cluster.
+
+Jobs run as the requesting user when the cluster has a ``submit_prefix``
+(``sudo -n -u ${user}``): sbatch and that job's scancel go through the prefix,
+with ``${user}`` replaced by the script's (validated) user. squeue and sacct
+stay the launcher's own: they show every user's jobs, and one call still
+covers all of them.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .base import BatchError, JobId, JobInfo, JobScript, JobState, Presence, failed_query
+from .base import BatchError, JobId, JobInfo, JobScript, JobState, Presence, expand_prefix, failed_query
 from .runner import CommandFailed, CommandRunner
 
 # Slurm job states (squeue %T / sacct State) -> our reduced states
@@ -53,6 +59,9 @@ SQUEUE_FORMAT = ",".join(f"{name}:|" for name in SQUEUE_FIELDS)
 SACCT_FIELDS = ("JobID", "State", "ExitCode", "NodeList", "End")
 _SUBMIT_RE = re.compile(r"^(\d+)(?:;\S+)?\s*$")
 _INVALID_ID = "Invalid job id specified"
+# the submitting process's umask becomes the job's (SLURM_UMASK), so job.log is created 0600
+# like the launcher's own files; sudo keeps it, as it ORs in its own 0022
+SUBMIT_UMASK = 0o077
 
 
 def parse_submit(stdout: str) -> JobId:
@@ -111,6 +120,20 @@ def parse_queue(stdout: str, job_ids: Collection[JobId]) -> dict[JobId, JobInfo]
     return {j: found.get(j) or JobInfo(j, Presence.ABSENT) for j in job_ids}
 
 
+def parse_named(stdout: str, prefix: str) -> dict[JobId, JobInfo]:
+    """Parse ``squeue -h -O JobID:|,State:|,WorkDir:|,Name:|``; keep jobs named ``prefix...``."""
+    found = {}
+    for line in stdout.splitlines():
+        parts = line.split("|", 3)
+        if len(parts) < 4:
+            continue
+        job_id, state_word, workdir, name = parts[0], parts[1], parts[2], parts[3].rstrip("|")
+        if name.startswith(prefix):
+            found[JobId(job_id)] = JobInfo(JobId(job_id), Presence.FOUND, _state(state_word, None),
+                                           native_state=state_word, name=name, workdir=workdir, raw=line)
+    return found
+
+
 def parse_sacct(stdout: str, job_ids: Collection[JobId]) -> dict[JobId, JobInfo]:
     """Parse ``sacct -P -n -o JobID,State,ExitCode,NodeList,End``; ids not listed are ABSENT."""
     found: dict[JobId, JobInfo] = {}
@@ -139,16 +162,30 @@ class SlurmAdapter:
     name: ClassVar[str] = "slurm"
     runner: CommandRunner = field(default_factory=CommandRunner)
     use_jobcomp: bool | None = None  # sacct -c (no slurmdbd); None: try sacct first, then -c
+    submit_prefix: tuple[str, ...] = ()  # e.g. ("sudo", "-n", "-u", "${user}"); empty: as the launcher
 
     @classmethod
     def from_cluster(cls, cluster: Any) -> SlurmAdapter:
-        return cls(runner=CommandRunner(timeout_s=cluster.command_timeout_s, bin_overrides=dict(cluster.commands)))
+        return cls(runner=CommandRunner(timeout_s=cluster.command_timeout_s, bin_overrides=dict(cluster.commands)),
+                   submit_prefix=tuple(getattr(cluster, "submit_prefix", ())))
 
     def submit(self, script: JobScript) -> JobId:
+        """sbatch the script; through the prefix as ``script.user`` when the cluster has one.
+
+        A cluster with a prefix refuses a script without a user rather than submitting it
+        as the launcher's (service) account: a forgotten user must not quietly run a job
+        under the wrong identity. Without a prefix ``script.user`` is ignored.
+        """
+        if self.submit_prefix and script.user is None:
+            raise BatchError("this cluster runs jobs as the requesting user (submit_prefix), "
+                             "but the job has no user")
+        prefix = self._prefix(script.user)
         try:
-            result = self.runner.run(["sbatch", "--parsable", str(script.path)], attempts=1)
+            result = self.runner.run(["sbatch", "--parsable", str(script.path)], attempts=1, prefix=prefix,
+                                     umask=SUBMIT_UMASK)
         except CommandFailed as exc:
-            raise BatchError(f"sbatch failed: {exc.why}", exc.argv, exc.returncode, exc.stderr) from None
+            raise BatchError(f"sbatch{_as(prefix, script.user)} failed: {exc.why}", exc.argv, exc.returncode,
+                             exc.stderr) from None
         return parse_submit(result.stdout)
 
     def poll(self, job_ids: Collection[JobId]) -> dict[JobId, JobInfo]:
@@ -164,6 +201,14 @@ class SlurmAdapter:
                 return {j: JobInfo(j, Presence.ABSENT) for j in job_ids}
             return failed_query(job_ids, f"squeue exit {result.returncode}: {result.stderr.strip()[:300]}")
         return parse_queue(result.stdout, job_ids)
+
+    def find_named(self, prefix: str) -> dict[JobId, JobInfo]:
+        argv = ["squeue", "-h", "-O", "JobID:|,State:|,WorkDir:|,Name:|"]  # live jobs of every user
+        try:
+            result = self.runner.run(argv)
+        except CommandFailed as exc:
+            raise BatchError(f"squeue failed: {exc.why}", exc.argv, exc.returncode, exc.stderr) from None
+        return parse_named(result.stdout, prefix)
 
     def history(self, job_ids: Collection[JobId]) -> dict[JobId, JobInfo]:
         if not job_ids:
@@ -184,8 +229,29 @@ class SlurmAdapter:
             last_error = result.stderr.strip()[:300]
         return failed_query(job_ids, f"sacct: {last_error}")
 
-    def cancel(self, job_id: JobId) -> None:
+    def cancel(self, job_id: JobId, user: str | None = None) -> None:
+        """scancel; as ``user`` through the prefix when both are set, else as the launcher.
+
+        The job's owner may cancel it, so a launcher that cannot cancel other users' jobs
+        passes the user it submitted as. Without a user (a record from before the prefix
+        was configured) the launcher tries itself: root can, an unprivileged account gets
+        a clear BatchError, and nothing runs under a guessed identity.
+        """
+        prefix = self._prefix(user)
         try:
-            self.runner.run(["scancel", str(job_id)])  # an unknown id exits 0 silently: already gone
+            # an unknown id exits 0 silently: already gone
+            self.runner.run(["scancel", str(job_id)], prefix=prefix)
         except CommandFailed as exc:
-            raise BatchError(f"scancel failed: {exc.why}", exc.argv, exc.returncode, exc.stderr) from None
+            raise BatchError(f"scancel{_as(prefix, user)} failed: {exc.why}", exc.argv, exc.returncode,
+                             exc.stderr) from None
+
+    def _prefix(self, user: str | None) -> list[str]:
+        """The command prefix for ``user``: empty without a prefix or a user; a bad name raises BatchError."""
+        if not self.submit_prefix or user is None:
+            return []
+        return expand_prefix(self.submit_prefix, user)
+
+
+def _as(prefix: Sequence[str], user: str | None) -> str:
+    """`` as 'alice'`` for error messages when the command ran through the prefix."""
+    return f" as {user!r}" if prefix else ""

@@ -35,6 +35,7 @@ exit-code file shows up.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -251,6 +252,21 @@ class SlurmRestAdapter:
             if isinstance(job, dict) and str(job.get("job_id")) in wanted:
                 found[str(job["job_id"])] = job_info(job)
         return {j: found.get(str(j)) or JobInfo(j, Presence.ABSENT) for j in job_ids}
+
+    def find_named(self, prefix: str) -> dict[JobId, JobInfo]:
+        """Live jobs named ``prefix...`` from one ``GET /jobs``."""
+        answer = self._call("GET", "jobs")
+        jobs = answer.body.get("jobs") if isinstance(answer.body, dict) else None
+        if answer.status != 200 or answer.errors or not isinstance(jobs, list):
+            raise BatchError(f"slurmrestd GET jobs: {answer.why()}")
+        found = {}
+        for job in jobs:
+            if isinstance(job, dict) and str(job.get("name", "")).startswith(prefix):
+                info = job_info(job)
+                if info.state is not None and not info.state.is_final:
+                    found[info.job_id] = dataclasses.replace(
+                        info, name=str(job["name"]), workdir=job.get("current_working_directory"))
+        return found
 
     def history(self, job_ids: Collection[JobId]) -> dict[JobId, JobInfo]:
         """slurmrestd keeps no history of purged jobs without slurmdbd: we cannot know."""
