@@ -30,7 +30,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.support.apache import ApacheInstance, skip_reason
-from tests.support.wslink_client import connect_and_call
+from tests.support.wslink_client import WslinkClient, connect_and_call
 
 PVW_HPC = str(Path(sys.executable).parent / "pvw-hpc")
 
@@ -308,3 +308,19 @@ def test_walltime_over_the_limit_is_refused_before_any_job_is_submitted(launcher
     assert limit == "20:00"
     bad = live.post({"application": "demo", "walltime": "soon"})
     assert bad.status_code == 400
+
+
+def test_an_idle_batch_session_is_stopped_by_its_job_side(launcher: LauncherFactory) -> None:
+    live = launcher(clusters={"slurm": {"scheduler": "slurm", "poll_fast_s": 0.3, "poll_slow_s": 0.5}},
+                    apps={"demo": {**DEMO, "idle_timeout": 3}})
+    body = live.post({"application": "demo"}).json()
+    info = live.get(body["id"]).json()
+    with WslinkClient.open(f"ws://{info['host']}:{info['port']}/ws", body["secret"]) as client:
+        for _ in range(5):  # connected for longer than the idle timeout: it stays
+            assert client.call("demo.add", [2, 2]) == 4
+            time.sleep(1)
+    assert live.state(body["id"]) == "ready"
+    wait_for(lambda: live.state(body["id"]) in ("ended", "failed"), 30, "the idle job to stop", interval=0.3)
+    final = live.get(body["id"]).json()
+    assert "idle" in final.get("reason", "") + final.get("error", ""), final
+    assert live.map_lines() == []
