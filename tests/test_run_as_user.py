@@ -29,13 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from pvw_hpc import jobs
+from pvw_hpc.auth import hash_token
 from pvw_hpc.batch.base import BatchError, JobId, JobScript, expand_prefix, is_valid_user
 from pvw_hpc.batch.runner import CommandFailed, CommandRunner, Result
 from pvw_hpc.batch.slurm import SlurmAdapter
 from pvw_hpc.clusters import ClusterConfig, check_clusters
-from tests.conftest import slurm_reason, wait_for
+from tests.conftest import ADMIN_TOKEN, LauncherFactory, slurm_reason, wait_for
 
 JOB_USER = os.environ.get("SLURM_CI_USER", "slurmtest")
 SVC_USER = os.environ.get("PVW_HPC_SVC_USER", "pvwhpc")
@@ -421,3 +423,37 @@ def test_without_sudo_the_service_user_cannot_touch_the_users_job(chain: tuple[C
     with pytest.raises(CommandFailed, match="Access/permission denied"):
         as_service.run(["scancel", job_id], prefix=AS_SERVICE)
     assert squeue_field(job_id, "State") in ("PENDING", "RUNNING")
+
+
+# -- through the launcher -----------------------------------------------------------------------
+
+
+def test_a_launch_for_a_user_runs_as_that_user_end_to_end(launcher: LauncherFactory) -> None:
+    """POST as a portal for user slurmtest; the launcher itself submits through runuser + sudo."""
+    reason = chain_reason()
+    if reason:
+        pytest.skip(reason)
+    portal = "portal-run-as-token"
+    # the app must be readable by the job user: the system python's http.server, ready when its port answers
+    app = {"cluster": "slurm", "cmd": ["/usr/bin/python3", "-m", "http.server", "${port}", "--bind", "${host}"]}
+    lau = launcher(
+        configuration={"auth": {"anonymous": False, "tokens": [
+            {"name": "portal", "sha256": hash_token(portal), "roles": ["launch"]},
+            {"name": "test-admin", "sha256": hash_token(ADMIN_TOKEN), "roles": ["admin"]}]}},
+        clusters={"slurm": {"scheduler": "slurm", "poll_fast_s": 0.3,
+                            "submit_prefix": [*AS_SERVICE, *SUDO_PREFIX]}},
+        apps={"web": app})
+    response = requests.post(lau.url, json={"application": "web", "user": JOB_USER}, timeout=60,
+                             headers={"Authorization": f"Bearer {portal}"})
+    assert response.status_code == 200, response.text
+    session_id = response.json()["id"]
+    info = lau.get(session_id).json()
+    owner = subprocess.run(["squeue", "-h", "-j", info["job_id"], "-O", "UserName:|"], capture_output=True,
+                           text=True, check=True).stdout.strip().rstrip("|")
+    assert owner == JOB_USER
+    assert requests.get(f"http://{info['host']}:{info['port']}/", timeout=10).status_code == 200
+    assert_owned_by(lau.root / "jobs" / "slurm" / session_id, JOB_USER)
+    assert lau.delete(session_id).json()["state"] == "ended"
+    wait_for(lambda: subprocess.run(["squeue", "-h", "-j", info["job_id"], "-O", "State:|"], capture_output=True,
+                                    text=True).stdout.strip().rstrip("|") in ("", "CANCELLED", "COMPLETING"),
+             20, "the job to be cancelled as its user")
