@@ -75,6 +75,7 @@ def session_url(record: SessionRecord) -> str:
 def session_view(record: SessionRecord) -> dict[str, Any]:
     """The public JSON of a session (GET, list, DELETE): never the secret or the command."""
     view: dict[str, Any] = {
+        **record.public,  # first: a configured field can never shadow what the launcher reports
         "id": record.id,
         "application": record.application,
         "state": record.state.value,
@@ -82,7 +83,6 @@ def session_view(record: SessionRecord) -> dict[str, Any]:
         "host": record.host,
         "port": record.port,
         "sessionURL": session_url(record),
-        **record.public,
     }
     if record.backend != "local":
         view["cluster"] = record.backend
@@ -205,6 +205,8 @@ class Service:
     def mark_ready(self, session_id: str, token: str | None, host: Any, port: Any) -> dict[str, Any]:
         """The job's callback: only the holder of this session's token may set its host:port."""
         record = self._get(session_id)
+        if not isinstance(token, str) or not token.isascii():
+            token = None  # only the job side's own (ASCII) token can match
         if record.token_hash is None or not token or not hmac.compare_digest(record.token_hash, sha256(token)):
             raise Forbidden("this token does not belong to this session")
         if not is_valid_host(host) or not is_valid_port(port):

@@ -11,10 +11,10 @@ import ipaddress
 import re
 
 # uuid4 text form: lowercase, survives trame's lower-casing of sessionURL
-SESSION_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+SESSION_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\Z")
 
 _HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOSTNAME_RE = re.compile(rf"^{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?$")
+_HOSTNAME_RE = re.compile(rf"^{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?\Z")
 
 # Default rule for client values that reach a command and have no sanitize rule:
 # path- and number-like text, no whitespace, no shell or map-file metacharacters,
@@ -36,8 +36,8 @@ def is_session_id(value: object) -> bool:
 
 def is_valid_host(value: object) -> bool:
     """True for a DNS name or an IPv4/IPv6 literal: nothing that could break a map line."""
-    if not isinstance(value, str) or not value or len(value) > 253:
-        return False
+    if not isinstance(value, str) or not value or len(value) > 253 or "%" in value:
+        return False  # '%': an IPv6 scope id would let anything after it into the map line
     try:
         ipaddress.ip_address(value)
         return True

@@ -71,7 +71,8 @@ def _register_errors(app: Flask) -> None:
             413: f"request body larger than {MAX_BODY_BYTES} bytes",
         }
         status = exc.code or 500
-        return {"error": messages.get(status, exc.description or exc.name)}, status
+        allow = {k: v for k, v in exc.get_headers() if k == "Allow"}  # 405 keeps its Allow header
+        return {"error": messages.get(status, exc.description or exc.name)}, status, allow
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> ResponseReturnValue:
@@ -91,8 +92,21 @@ def parse_json_body() -> Any:
     except UnicodeDecodeError as exc:
         raise BadRequest(f"the request body is not valid UTF-8 (byte {exc.start})") from None
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise BadRequest("the request body is nested too deeply") from None
+    except ValueError as exc:  # an integer of thousands of digits, NaN, Infinity, 1e999
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is out of range")
+    return value
