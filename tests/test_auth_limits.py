@@ -128,3 +128,14 @@ def test_per_app_limit_and_compute_hour_budget(launcher: LauncherFactory) -> Non
     assert row["user"] == "dave" and row["active_sessions"] == 0 and row["core_hours"] > 0.0002
     wait_for(lambda: post(lau, {"application": "demo", "user": "erin", "wait": False},
                           bearer(PORTAL)).status_code == 202, 10, "another user to launch")
+
+
+def test_token_file_changes_take_effect_without_a_restart(launcher: LauncherFactory, tmp_path: Path) -> None:
+    token_file = tmp_path / "tokens.json"
+    token_file.write_text(json.dumps([{"name": "portal", "sha256": hash_token(PORTAL), "roles": ["launch"]}]))
+    lau = launcher(configuration={"auth": {"anonymous": False, "token_file": str(token_file)}})
+    assert post(lau, {"application": "demo", "wait": False}, bearer(PORTAL)).status_code == 202
+    assert post(lau, {"application": "demo", "wait": False}, bearer(READER)).status_code == 401
+    token_file.write_text(json.dumps([{"name": "reader", "sha256": hash_token(READER), "roles": ["launch"]}]))
+    assert post(lau, {"application": "demo", "wait": False}, bearer(READER)).status_code == 202
+    assert post(lau, {"application": "demo", "wait": False}, bearer(PORTAL)).status_code == 401  # revoked
