@@ -50,7 +50,8 @@ def serve(config: LauncherConfig) -> None:
     housekeeper.start()
     app = create_app(service=service)
     server = waitress.create_server(app, host=config.host, port=config.port, threads=config.threads,
-                                    ident="pvw-hpc", channel_timeout=300)
+                                    ident="pvw-hpc", channel_timeout=300,
+                                    connection_limit=config.threads + 100)  # a burst of blocking POSTs fits
     listen = getattr(server, "effective_listen", None) or [(server.effective_host, server.effective_port)]
     host, port = listen[0][:2]
     service.listening_url = f"http://{host}:{port}/{config.endpoint}"

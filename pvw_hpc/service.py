@@ -104,7 +104,7 @@ class Service:
 
     def __init__(self, config: LauncherConfig, store: Store | None = None):
         self.config = config
-        self.store = store or Store(config.database_url)
+        self.store = store or Store(config.database_url, pool_size=config.threads + 4)
         self.map = MapWriter(config.proxy_file, self.store.ready_routes)
         self.local = LocalBackend(self.store, self.notify)
         self.adapters: dict[str, BatchAdapter] = {name: make_adapter(c) for name, c in config.clusters.items()}

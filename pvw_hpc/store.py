@@ -27,8 +27,10 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     create_engine,
     event,
+    func,
     insert,
     inspect,
     select,
@@ -183,14 +185,16 @@ class PortTaken(Exception):
     """Another active session already holds this host:port."""
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, pool_size: int = 5) -> Engine:
     """Create an engine; for SQLite: WAL, a busy timeout, and use from many threads."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+    # one pooled connection per server thread: no reconnect (and PRAGMAs) per request under load
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
+                           pool_size=pool_size, max_overflow=pool_size)
 
     @event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -213,18 +217,21 @@ def make_engine(url: str) -> Engine:
 _COLUMNS = [c.name for c in sessions.columns]
 
 
+_GET_ONE = select(sessions).where(sessions.c.id == bindparam("session_id"))  # built once: GET is the hot path
+
+
 def _record(row: Any) -> SessionRecord:
-    data = dict(row._mapping)
+    data = dict(zip(_COLUMNS, row, strict=True))
     data["state"] = SessionState(data["state"])
-    return SessionRecord(**{name: data[name] for name in _COLUMNS})
+    return SessionRecord(**data)
 
 
 class Store:
     """All reads and writes of session rows."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, pool_size: int = 5):
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, pool_size)
         metadata.create_all(self.engine)
         self._add_missing_columns()
 
@@ -267,8 +274,15 @@ class Store:
 
     def get(self, session_id: str) -> SessionRecord | None:
         with self.engine.connect() as conn:
-            row = conn.execute(select(sessions).where(sessions.c.id == session_id)).first()
+            row = conn.execute(_GET_ONE, {"session_id": session_id}).first()
         return _record(row) if row is not None else None
+
+    def count_active(self) -> dict[str, int]:
+        """State -> number of active sessions, counted by the database (``/health`` stays cheap)."""
+        query = (select(sessions.c.state, func.count()).where(sessions.c.state.in_([s.value for s in ACTIVE_STATES]))
+                 .group_by(sessions.c.state))
+        with self.engine.connect() as conn:
+            return {state: count for state, count in conn.execute(query)}
 
     def list(self, states: Iterable[SessionState] | None = None, backend: str | None = None) -> list[SessionRecord]:
         query = select(sessions).order_by(sessions.c.submitted_at, sessions.c.id)

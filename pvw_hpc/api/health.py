@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 from flask import Blueprint
 from flask.typing import ResponseReturnValue
 
@@ -16,6 +14,4 @@ bp = Blueprint("health", __name__)
 def health() -> ResponseReturnValue:
     from . import current_service
 
-    service = current_service()
-    counts = Counter(s.state.value for s in service.store.active())
-    return {"status": "ok", "version": __version__, "active_sessions": dict(counts)}
+    return {"status": "ok", "version": __version__, "active_sessions": current_service().store.count_active()}
