@@ -270,12 +270,13 @@ class Launcher:
             return 0
 
 
-def write_config(root: Path, threads: int, port_range: tuple[int, int]) -> Path:
+def write_config(root: Path, threads: int, port_range: tuple[int, int], pin_cpu: bool = False) -> Path:
     """A stock-style config: the demo app, local backend, port 0, ``threads`` waitress threads."""
     config = {
         "configuration": {
             **configuration_section(root, 0, APP_TIMEOUT_S),
             "threads": threads,
+            "pin_cpu": pin_cpu,
             "auth": {"anonymous": True, "tokens": [{"name": "bench", "sha256": hash_token(ADMIN_TOKEN), "roles": ["admin"]}]},
         },
         "resources": [{"host": HOST, "port_range": list(port_range)}],
@@ -290,9 +291,10 @@ def write_config(root: Path, threads: int, port_range: tuple[int, int]) -> Path:
     return write_launcher_config(root, config)
 
 
-def start_launcher(tracker: Tracker, name: str, root: Path, threads: int, port_range: tuple[int, int]) -> Launcher:
+def start_launcher(tracker: Tracker, name: str, root: Path, threads: int, port_range: tuple[int, int],
+                   pin_cpu: bool = False) -> Launcher:
     """Start ``pvw-hpc serve`` on port 0 and wait until ``/health`` answers."""
-    config = write_config(root, threads, port_range)
+    config = write_config(root, threads, port_range, pin_cpu)
     launcher = Launcher(name, root, spawn_serve(tracker, root, config))
     port, line = serving_port(launcher.proc)
     if port is None:
@@ -720,6 +722,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="also run GET /<endpoint>/<id> with clients pausing between requests so that about this "
                              "many requests/s are offered: the p99 at the target rate (0: skip; default 1000)")
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (default 1: leave the CPU to serve)")
+    parser.add_argument("--pin-cpu", action="store_true", help="configuration.pin_cpu: serve's threads on one CPU")
     parser.add_argument("--json", action="store_true", help="also print a JSON summary")
     args = parser.parse_args(argv)
     if args.sessions < 1 or args.clients < 1 or args.duration <= 0 or args.warmup < 0 or args.wrk_threads < 1 \
@@ -752,7 +755,7 @@ def run(args: argparse.Namespace) -> None:
     modes = ["wait", "nowait"] if args.launch == "both" else [args.launch]
     summary: dict[str, Any] = {"cpus": os.cpu_count(), "sessions": args.sessions, "threads": args.threads, "phase1": []}
     print(f"api load: {os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.2f} at start; pvw-hpc serve (waitress) "
-          f"with threads={args.threads}; {args.sessions} sessions of the demo app")
+          f"with threads={args.threads}{', pin_cpu' if args.pin_cpu else ''}; {args.sessions} sessions of the demo app")
     with cleaned_tempdir("pvw-hpc-bench-load-", cleanup, ignore_during_cleanup=[signal.SIGINT]) as root:
         used: list[tuple[int, int]] = []
         launcher: Launcher | None = None
@@ -763,7 +766,8 @@ def run(args: argparse.Namespace) -> None:
                 launchers.remove(launcher)
             port_range = find_port_range(max(120, args.sessions + 20), avoid=used)
             used.append(port_range)
-            launcher = start_launcher(tracker, f"launcher-{mode}", root / f"{k}-{mode}", args.threads, port_range)
+            launcher = start_launcher(tracker, f"launcher-{mode}", root / f"{k}-{mode}", args.threads, port_range,
+                                      args.pin_cpu)
             launchers.append(launcher)
             summary["phase1"].append(check_burst(launcher, args.sessions, wait=mode == "wait"))
         assert launcher is not None

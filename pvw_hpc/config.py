@@ -38,7 +38,7 @@ STOCK_CONFIGURATION_KEYS = frozenset(
     {"host", "port", "endpoint", "content", "proxy_file", "sessionURL", "timeout", "log_dir",
      "fields", "sanitize", "upload_dir"}
 )
-OUR_CONFIGURATION_KEYS = frozenset({"database", "threads", "auth", "limits", "keep_ended"})
+OUR_CONFIGURATION_KEYS = frozenset({"database", "threads", "auth", "limits", "keep_ended", "pin_cpu"})
 APP_KEYS = frozenset({"cmd", "ready_line", "timeout", "env", "cwd", "cluster", "resources", "port",
                       "max_age", "idle_timeout"})
 TOP_LEVEL_KEYS = frozenset({"configuration", "apps", "properties", "resources", "sessionData", "clusters"})
@@ -137,6 +137,7 @@ class LauncherConfig:
     database_url: str
     threads: int
     clusters: Mapping[str, ClusterConfig] = field(default_factory=dict)
+    pin_cpu: bool = False  # run the launcher's threads on one CPU (less GIL ping-pong); apps keep all CPUs
     keep_ended_s: float = 7 * 86400  # ended sessions stay listed this long, then rows, logs and job files go
     auth: AuthConfig = field(default_factory=AuthConfig)
     limits: Limits = field(default_factory=Limits)
@@ -284,6 +285,7 @@ class _Checker:
             log_dir=Path(log_dir), fields=tuple(fields), sanitize=sanitize, properties=properties,
             session_data=session_data, apps=apps, resources=resources, database_url=database,
             threads=threads, clusters=clusters, auth=auth, limits=limits, keep_ended_s=float(keep_ended),
+            pin_cpu=conf.get("pin_cpu") is True,
             source=source,
         )
 

@@ -27,6 +27,7 @@ from .store import SessionRecord, Store
 log = logging.getLogger(__name__)
 
 SESSION_ENV = "PVW_HPC_SESSION_ID"
+ALL_CPUS = frozenset(os.sched_getaffinity(0))  # before `serve` may pin itself: what the apps get
 FAST_TICK_S = 0.01  # while anything is starting
 SLOW_TICK_S = 0.1  # only ready sessions: an exit is noticed well within 1 s
 LOG_TAIL_BYTES = 4096
@@ -123,6 +124,11 @@ class LocalBackend:
             )
         finally:
             os.close(fd)
+        if os.sched_getaffinity(0) != ALL_CPUS:  # the launcher is pinned (pin_cpu); its apps are not
+            try:
+                os.sched_setaffinity(popen.pid, ALL_CPUS)
+            except OSError:
+                pass  # it already exited: the monitor will see that
         pid_start = procs.start_time(popen.pid)
         moved = self.store.transition(record.id, SessionState.STARTING, pid=popen.pid, pid_start=pid_start)
         watch = _Watch(

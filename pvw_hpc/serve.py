@@ -11,6 +11,7 @@ start re-attaches to them. Stop sessions with DELETE or ``pvw-hpc cancel``.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from types import FrameType
@@ -40,6 +41,10 @@ def setup_logging(config: LauncherConfig) -> None:
 def serve(config: LauncherConfig) -> None:
     """Run until SIGTERM/SIGINT; prints the listening URL on stdout once it is bound."""
     setup_logging(config)
+    if config.pin_cpu:  # before any thread starts, so all of them inherit it
+        cpu = max(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpu})
+        log.info("pinned to CPU %d (pin_cpu); apps still get every CPU", cpu)
     service = Service(config)
     service.start()
     poller = Poller(service)
