@@ -227,6 +227,16 @@ def scancel_batches(job_ids: Sequence[str], batch_size: int = 200, timeout_s: fl
 # -- ports, waiting, files -------------------------------------------------------------------
 
 
+def port_bindable(port: int) -> bool:
+    """True when nothing holds ``HOST:port`` (a plain bind succeeds)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
     """A port the OS considers free right now (bind to 0, read it back, release it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -293,10 +303,17 @@ def post_launch(port: int, who: str, diagnostics: Callable[[], str], timeout_s: 
         raise BenchError(f"{who}: POST failed: {exc}{diagnostics()}") from exc
 
 
-def delete_session(port: int, session_id: str, who: str, diagnostics: Callable[[], str], timeout_s: float) -> None:
+def secret_header(secret: str | None) -> dict[str, str]:
+    """pvw-hpc lets the holder of a session's secret read and stop it, as its creator (stock ignores it)."""
+    return {"X-Session-Secret": secret} if secret else {}
+
+
+def delete_session(port: int, session_id: str, who: str, diagnostics: Callable[[], str], timeout_s: float,
+                   secret: str | None = None) -> None:
     """DELETE a session; BenchError unless the launcher answers 200."""
     try:
-        status, raw = http_call(port, "DELETE", f"/{ENDPOINT}/{session_id}", timeout_s=timeout_s)
+        status, raw = http_call(port, "DELETE", f"/{ENDPOINT}/{session_id}", headers=secret_header(secret),
+                                timeout_s=timeout_s)
     except OSError as exc:
         raise BenchError(f"{who}: DELETE failed: {exc}{diagnostics()}") from exc
     if status != 200:

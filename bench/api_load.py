@@ -71,7 +71,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -98,6 +97,7 @@ from _common import (  # noqa: E402
     demo_properties,
     http_call,
     percentile,
+    port_bindable,
     run_bench,
     serving_port,
     spawn_serve,
@@ -128,16 +128,6 @@ class Tracker(ProcessTracker):
 
 
 # -- small helpers -----------------------------------------------------------------------
-
-
-def port_bindable(port: int) -> bool:
-    """True when nothing holds ``HOST:port`` (a plain bind succeeds)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
 
 
 def find_port_range(size: int, avoid: Sequence[tuple[int, int]] = ()) -> tuple[int, int]:

@@ -42,7 +42,6 @@ import os
 import random
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -69,6 +68,7 @@ from _common import (  # noqa: E402
     demo_argv,
     demo_properties,
     free_port,
+    port_bindable,
     port_listening,
     post_launch,
     print_stats_table,
@@ -91,16 +91,6 @@ LABELS = {"floor": "floor (app alone)", "ours": "pvw-hpc serve", "stock": "stock
 
 
 # -- small helpers -----------------------------------------------------------------------
-
-
-def port_bindable(port: int) -> bool:
-    """True when nothing holds ``HOST:port`` (a plain bind succeeds)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
 
 
 def find_port_range(size: int, avoid: Sequence[tuple[int, int]] = ()) -> tuple[int, int]:
@@ -185,12 +175,12 @@ class Launcher:
         if status != 200 or not {"id", "sessionURL", "secret"} <= answer.keys():
             raise BenchError(f"{self.name}: POST answered {status} {answer}{self._diagnostics()}")
         detect = ready_to_answer(self.log_dir / f"{answer['id']}.txt", answered_ns)  # before DELETE writes more
-        self.stop_session(str(answer["id"]), int(answer["port"]))
+        self.stop_session(str(answer["id"]), int(answer["port"]), str(answer["secret"]))
         return elapsed, detect
 
-    def stop_session(self, session_id: str, app_port: int) -> None:
+    def stop_session(self, session_id: str, app_port: int, secret: str | None = None) -> None:
         """DELETE the session and wait until its port is closed, so the next launch finds it free."""
-        delete_session(self.port, session_id, self.name, self._diagnostics, HTTP_TIMEOUT_S)
+        delete_session(self.port, session_id, self.name, self._diagnostics, HTTP_TIMEOUT_S, secret)
         wait_until(lambda: not port_listening(app_port), 15, f"{self.name}: app port {app_port} to close after DELETE")
 
     def check_alive(self) -> None:

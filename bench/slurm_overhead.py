@@ -106,6 +106,7 @@ from _common import (  # noqa: E402
     run_bench,
     run_quiet,
     scancel_batches,
+    secret_header,
     serving_port,
     spawn_serve,
     summarize,
@@ -393,7 +394,7 @@ class Ours:
         answered_ns = time.time_ns()
         answer = decode_json(raw)
         session_id = str(answer.get("id", ""))
-        info = self._session(session_id) if session_id else {}
+        info = self._session(session_id, answer.get("secret")) if session_id else {}
         job_id = str(info.get("job_id") or "")
         queued_at = info.get("transitions", {}).get("queued")
         submit_s = dt.datetime.fromisoformat(queued_at).timestamp() - t0_wall if queued_at else None
@@ -403,17 +404,19 @@ class Ours:
         log_path = self.root / "jobs" / session_id / "job.log"
         with contextlib.suppress(OSError):  # the job side's ready marker is the log's last write
             self.marker_to_200.append((answered_ns - log_path.stat().st_mtime_ns) / 1e9)
-        delete_session(self.port, session_id, "pvw-hpc", lambda: self.diagnostics(session_id), HTTP_TIMEOUT_S)
+        delete_session(self.port, session_id, "pvw-hpc", lambda: self.diagnostics(session_id), HTTP_TIMEOUT_S,
+                       answer.get("secret"))
         if job_id:
             wait_job_released(job_id, "pvw-hpc")
         app_port = int(answer["port"])
         wait_until(lambda: not port_listening(app_port), 15, f"pvw-hpc: app port {app_port} to close", WAIT_STEP_S)
         return Launch(elapsed, started, submit_s)
 
-    def _session(self, session_id: str) -> dict[str, Any]:
+    def _session(self, session_id: str, secret: str | None = None) -> dict[str, Any]:
         """GET the session (job id, transition times); empty when it cannot be read."""
         with contextlib.suppress(OSError):
-            status, raw = http_call(self.port, "GET", f"/{ENDPOINT}/{session_id}", timeout_s=10)
+            status, raw = http_call(self.port, "GET", f"/{ENDPOINT}/{session_id}", headers=secret_header(secret),
+                                    timeout_s=10)
             if status == 200:
                 return decode_json(raw)
         return {}
