@@ -143,6 +143,20 @@ class MapWriter:
         with self._cond:
             return self._thread is not None and self._written < self._requested
 
+    def wait_pending(self, timeout_s: float = 10.0) -> bool:
+        """Wait for the rewrites already requested, without asking for another (cheap for readers)."""
+        if self._thread is None:
+            return True
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            target = self._requested
+            while self._written < target and self._failed_gen < target:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return self._written >= target
+
     def sync(self, timeout_s: float = 10.0) -> bool:
         """Request a rewrite and wait until it is on disk. Writes inline if no thread runs."""
         if self._thread is None:

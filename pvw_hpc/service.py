@@ -224,7 +224,7 @@ class Service:
         record = self._get(session_id)
         self._authorize(record, identity, secret, stop=False)
         if record.state == SessionState.READY and self.map.pending():
-            self.map.sync()  # "ready" promises a route: never answer it before the line is on disk
+            self.map.wait_pending()  # "ready" promises a route: never answer it before the line is on disk
         return self.view(record)
 
     def view(self, record: SessionRecord) -> dict[str, Any]:

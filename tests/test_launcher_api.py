@@ -452,3 +452,13 @@ def test_custom_script_form(launcher: LauncherFactory, tmp_path: Path) -> None:
     assert pids
     assert lau.delete(body["id"]).status_code == 200
     wait_for(lambda: not any(pid_alive(p) for p in pids), 5, "the script's app to stop")
+
+
+def test_a_configured_field_cannot_shadow_what_the_launcher_reports(launcher: LauncherFactory) -> None:
+    """`fields` echoes client keys (stock); a client key named like a launcher key must not win in GET."""
+    lau = launcher(fields=["state", "application", "label"])
+    body = lau.launch("demo", state="ended", label="mine")
+    view = lau.get(body["id"]).json()
+    assert view["state"] == "ready" and view["label"] == "mine"
+    listed = {s["id"]: s for s in lau.sessions()}
+    assert listed[body["id"]]["state"] == "ready"
