@@ -377,6 +377,22 @@ def configuration_section(root: Path, port: int, timeout_s: float) -> dict[str, 
     }
 
 
+def local_demo_config(root: Path, port: int, port_range: tuple[int, int], timeout_s: float,
+                      **configuration: Any) -> dict[str, Any]:
+    """A stock-style config for the demo app on the local backend; ``configuration`` adds keys."""
+    return {
+        "configuration": {**configuration_section(root, port, timeout_s), **configuration},
+        "resources": [{"host": HOST, "port_range": list(port_range)}],
+        "properties": demo_properties(),
+        "apps": {
+            "demo": {
+                "cmd": demo_argv("${python_exec}", "${demo_app}", "${host}", "${port}", "--authKey", "${secret}"),
+                "ready_line": READY_LINE,
+            }
+        },
+    }
+
+
 def demo_properties() -> dict[str, str]:
     """The ``properties`` the demo app's ``cmd`` refers to: this python and the app's absolute path."""
     return {"python_exec": sys.executable, "demo_app": str(DEMO_APP)}

@@ -86,16 +86,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or n
 from _common import (  # noqa: E402
     ENDPOINT,
     HOST,
-    READY_LINE,
     SERVING_PREFIX,
     BenchError,
     ProcessTracker,
     cleaned_tempdir,
-    configuration_section,
     decode_json,
-    demo_argv,
-    demo_properties,
     http_call,
+    local_demo_config,
     percentile,
     port_bindable,
     run_bench,
@@ -106,7 +103,8 @@ from _common import (  # noqa: E402
     write_launcher_config,
 )
 
-from pvw_hpc.auth import hash_token  # noqa: E402
+from pvw_hpc.auth import hash_token
+from pvw_hpc.procs import pids_with_env  # noqa: E402
 
 SESSION_ENV = "PVW_HPC_SESSION_ID"  # what pvw-hpc puts in every app's environment
 APP_TIMEOUT_S = 240  # configuration.timeout: 100 Python apps starting at once on 2 cores take a while
@@ -180,19 +178,7 @@ def settle(ids: set[str], limit_s: float = 30.0, idle_cores: float = 0.05) -> fl
 
 def session_pids(ids: set[str]) -> list[int]:
     """Pids whose ``PVW_HPC_SESSION_ID`` is one of ``ids`` (one scan of /proc for all of them)."""
-    prefix = f"{SESSION_ENV}=".encode()
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as fh:
-                env = fh.read().split(b"\0")
-        except OSError:
-            continue
-        if any(e.startswith(prefix) and e[len(prefix):].decode("ascii", "replace") in ids for e in env):
-            found.append(int(entry.name))
-    return found
+    return pids_with_env(SESSION_ENV, ids)
 
 
 def ms(seconds: float) -> float:
@@ -262,22 +248,8 @@ class Launcher:
 
 def write_config(root: Path, threads: int, port_range: tuple[int, int], pin_cpu: bool = False) -> Path:
     """A stock-style config: the demo app, local backend, port 0, ``threads`` waitress threads."""
-    config = {
-        "configuration": {
-            **configuration_section(root, 0, APP_TIMEOUT_S),
-            "threads": threads,
-            "pin_cpu": pin_cpu,
-            "auth": {"anonymous": True, "tokens": [{"name": "bench", "sha256": hash_token(ADMIN_TOKEN), "roles": ["admin"]}]},
-        },
-        "resources": [{"host": HOST, "port_range": list(port_range)}],
-        "properties": demo_properties(),
-        "apps": {
-            "demo": {
-                "cmd": demo_argv("${python_exec}", "${demo_app}", "${host}", "${port}", "--authKey", "${secret}"),
-                "ready_line": READY_LINE,
-            }
-        },
-    }
+    auth = {"anonymous": True, "tokens": [{"name": "bench", "sha256": hash_token(ADMIN_TOKEN), "roles": ["admin"]}]}
+    config = local_demo_config(root, 0, port_range, APP_TIMEOUT_S, threads=threads, pin_cpu=pin_cpu, auth=auth)
     return write_launcher_config(root, config)
 
 

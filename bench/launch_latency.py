@@ -62,12 +62,11 @@ from _common import (  # noqa: E402
     BenchError,
     ProcessTracker,
     cleaned_tempdir,
-    configuration_section,
     decode_json,
     delete_session,
     demo_argv,
-    demo_properties,
     free_port,
+    local_demo_config,
     port_bindable,
     port_listening,
     post_launch,
@@ -215,17 +214,7 @@ def ready_to_answer(log_path: Path, answered_ns: int) -> float:
 
 def write_config(root: Path, port: int, port_range: tuple[int, int]) -> Path:
     """A config both launchers accept: every stock key, absolute paths, the demo app."""
-    config = {
-        "configuration": {**configuration_section(root, port, LAUNCH_TIMEOUT_S), "content": ""},
-        "resources": [{"host": HOST, "port_range": list(port_range)}],
-        "properties": demo_properties(),
-        "apps": {
-            "demo": {
-                "cmd": demo_argv("${python_exec}", "${demo_app}", "${host}", "${port}", "--authKey", "${secret}"),
-                "ready_line": READY_LINE,
-            }
-        },
-    }
+    config = local_demo_config(root, port, port_range, LAUNCH_TIMEOUT_S, content="")
     return write_launcher_config(root, config)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Collection
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -62,16 +63,19 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         pass  # the group is gone already
 
 
-def pids_with_env(name: str, value: str) -> list[int]:
-    """Pids whose environment holds ``name=value``: how a process we lost track of is found again."""
-    needle = f"{name}={value}".encode()
+def pids_with_env(name: str, values: str | Collection[str]) -> list[int]:
+    """Pids whose environment holds ``name=<one of values>``, in one scan of /proc.
+
+    How a process we lost track of is found again (its session id travels in its environment).
+    """
+    wanted = {f"{name}={v}".encode() for v in ([values] if isinstance(values, str) else values)}
     found = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             with open(f"/proc/{entry.name}/environ", "rb") as fh:
-                if needle in fh.read().split(b"\0"):
+                if not wanted.isdisjoint(fh.read().split(b"\0")):
                     found.append(int(entry.name))
         except OSError:
             continue

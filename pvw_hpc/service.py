@@ -15,6 +15,7 @@ import secrets
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -279,16 +280,17 @@ class Service:
     def usage(self, user: str | None = None) -> list[dict[str, Any]]:
         """Per user: live sessions and core-hours used in the limits' window (``pvw-hpc usage``)."""
         window = self.config.limits.window_hours
-        owners = sorted({r.owner for r in self.store.list() if r.owner and (user is None or r.owner == user)})
+        records = self.store.list()  # one read; active counts and owners both come from it
+        owners = sorted({r.owner for r in records if r.owner and (user is None or r.owner == user)})
         if user is not None and user not in owners:
             owners = [user]
+        active = Counter(r.owner for r in records if not r.is_final)
         report = []
         with self.store.engine.connect() as conn:
             for owner in owners:
                 used, _ = limits.core_hours_used(conn, owner, window)
-                active = [r for r in self.store.active() if r.owner == owner]
                 report.append({
-                    "user": owner, "active_sessions": len(active), "core_hours": round(used, 4),
+                    "user": owner, "active_sessions": active[owner], "core_hours": round(used, 4),
                     "window_hours": window, "budget_core_hours": self.config.limits.compute_hours,
                     "max_sessions": self.config.limits.max_sessions_per_user,
                 })
