@@ -91,10 +91,10 @@ from _common import (  # noqa: E402
     ProcessTracker,
     cleaned_tempdir,
     decode_json,
+    find_port_range,
     http_call,
     local_demo_config,
     percentile,
-    port_bindable,
     run_bench,
     serving_port,
     spawn_serve,
@@ -126,19 +126,6 @@ class Tracker(ProcessTracker):
 
 
 # -- small helpers -----------------------------------------------------------------------
-
-
-def find_port_range(size: int, avoid: Sequence[tuple[int, int]] = ()) -> tuple[int, int]:
-    """An inclusive range of ``size`` free ports below the ephemeral range (32768+), clear of ``avoid``."""
-    rng = random.Random()
-    for _ in range(500):
-        lo = rng.randrange(12000, 32000 - size)
-        hi = lo + size - 1
-        if any(lo <= b and a <= hi for a, b in avoid):
-            continue
-        if all(port_bindable(p) for p in range(lo, hi + 1)):
-            return lo, hi
-    raise BenchError(f"could not find {size} consecutive free ports")
 
 
 def cpu_seconds(pid: int) -> float | None:

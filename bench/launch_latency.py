@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import select
 import signal
 import subprocess
@@ -65,9 +64,9 @@ from _common import (  # noqa: E402
     decode_json,
     delete_session,
     demo_argv,
+    find_port_range,
     free_port,
     local_demo_config,
-    port_bindable,
     port_listening,
     post_launch,
     print_stats_table,
@@ -90,25 +89,6 @@ LABELS = {"floor": "floor (app alone)", "ours": "pvw-hpc serve", "stock": "stock
 
 
 # -- small helpers -----------------------------------------------------------------------
-
-
-def find_port_range(size: int, avoid: Sequence[tuple[int, int]] = ()) -> tuple[int, int]:
-    """An inclusive range of ``size`` ports that are all free now.
-
-    Picked below Linux's default ephemeral range (32768+) so outgoing
-    connections and our own port-0 binds do not land in it mid-run. Stock
-    never checks its ports, so for it a busy port would mean a launch that
-    waits the whole timeout; pvw-hpc would skip it, but both get a clean range.
-    """
-    rng = random.Random()
-    for _ in range(500):
-        lo = rng.randrange(12000, 32000 - size)
-        hi = lo + size - 1
-        if any(lo <= b and a <= hi for a, b in avoid):
-            continue
-        if all(port_bindable(p) for p in range(lo, hi + 1)):
-            return lo, hi
-    raise BenchError(f"could not find {size} consecutive free ports")
 
 
 # -- the three series ------------------------------------------------------------------------
