@@ -22,8 +22,8 @@ Targets, and what could go wrong if a value got through:
 (``tests/test_bad_input.py`` covers the plain cases on a local app's command key;
 this corpus covers the other targets and encodings.)
 
-One local session is ready and one batch session is queued (``sbatch`` and
-``squeue`` are stand-ins: no scheduler is touched) for the whole module. A
+One local session is ready and one batch session is queued (a real SLURM job,
+held) for the whole module. A
 hostile callback with a real token goes to a fresh queued batch session of its
 own, which must still be queued, without host and port, afterwards (then it is
 stopped). After every request, and again after the whole corpus: both module
@@ -54,12 +54,20 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ADMIN_HEADERS, SLURM_DEMO_APP, Launcher, LauncherFactory, demo_cmd_with, pid_alive, wait_for
+from tests.conftest import (
+    ADMIN_HEADERS,
+    SLURM_DEMO_APP,
+    Launcher,
+    LauncherFactory,
+    demo_cmd_with,
+    pid_alive,
+    slurm_reason,
+    wait_for,
+)
 from tests.support.wslink_client import connect_and_call
 
 READY = "Starting factory"
 MIB = 1 << 20
-FAKE_JOB_ID = "999999999"  # above Slurm's largest job id, so even a real scancel of it is harmless
 MARK = f"/tmp/pvw-hpc-injected-{uuid.uuid4().hex}"  # created only if a shell ever ran a payload
 TOUCH = f"touch {MARK}"
 SHELL_PAYLOADS: dict[str, str] = {
@@ -73,18 +81,6 @@ SHELL_PAYLOADS: dict[str, str] = {
     "newline": f"x\n{TOUCH}",
     "brace-expansion": f"${{IFS}}{TOUCH}",
 }
-
-FAKE_SBATCH = f"#!/bin/sh\necho {FAKE_JOB_ID}\n"
-# every job asked about is pending, in the `squeue -h -t all -j IDS -O JobID:|,State:|,...` layout
-FAKE_SQUEUE = """#!/bin/sh
-ids=""
-while [ $# -gt 0 ]; do
-  if [ "$1" = "-j" ]; then ids="$2"; fi
-  shift
-done
-for id in $(echo "$ids" | tr ',' ' '); do echo "$id|PENDING|Priority|n/a|0|N/A|pvw|"; done
-"""
-
 
 @dataclass(frozen=True)
 class Req:
@@ -149,22 +145,18 @@ def _json(value: Any) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def world(module_launcher: LauncherFactory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    bin_dir = tmp_path_factory.mktemp("fake-slurm")
-    for name, text in (("sbatch", FAKE_SBATCH), ("squeue", FAKE_SQUEUE)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    bin_dir.chmod(0o755)
+def world(module_launcher: LauncherFactory) -> Iterator[World]:
+    if slurm_reason() is not None:
+        pytest.skip(str(slurm_reason()))
     batch_cmd = [*SLURM_DEMO_APP["cmd"], "--data", "${data}"]  # a client value in the job's argv
     lau = module_launcher(
         apps={
             "witharg": {"cmd": demo_cmd_with("${arg}"), "ready_line": READY},  # the safe default rule
-            "batch": {**SLURM_DEMO_APP, "cmd": batch_cmd},
+            # a real SLURM job, held so that it stays queued for the whole corpus
+            "batch": {**SLURM_DEMO_APP, "cmd": batch_cmd, "resources": {"extra_directives": ["--hold"]}},
         },
         session_url="ws://${host}:${port}/ws?view=${view}",  # a client key in sessionURL (every app)
-        clusters={"slurm": {"scheduler": "slurm", "commands": {
-            "sbatch": str(bin_dir / "sbatch"), "squeue": str(bin_dir / "squeue"),
-            "sacct": "/bin/true", "scancel": "/bin/true"}}},
+        clusters={"slurm": {"scheduler": "slurm"}},
     )
     live = lau.launch("demo", view="main")
     resp = lau.post({"application": "batch", "wait": False, "view": "main", "data": "can.vtk"})
@@ -177,7 +169,7 @@ def world(module_launcher: LauncherFactory, tmp_path_factory: pytest.TempPathFac
         return view if view.get("scheduler_state") == "PENDING" else None
 
     batch_view = wait_for(pending_view, 20, "the poller to see the batch job pending")
-    assert batch_view["state"] == "queued" and batch_view["job_id"] == FAKE_JOB_ID
+    assert batch_view["state"] == "queued" and batch_view["job_id"]
     token = (lau.root / "jobs" / "slurm" / batch_id / "token").read_text().strip()
     live_pid = next(pid for sid, _, pid in lau.db_rows() if sid == live["id"])
     assert live_pid is not None
