@@ -144,7 +144,13 @@ def test_sudo_without_n_is_a_warning() -> None:
 
 
 class RecordingRunner(CommandRunner):
-    """Records each argv and answers like a successful sbatch/scancel."""
+    """Records each argv and answers like a successful sbatch/scancel.
+
+    A fake on purpose: these tests pin the exact argv for paths and users that do not
+    exist on this machine (``/opt/slurm/bin/sbatch``, ``alice``). That the chain really
+    runs jobs as the user is proven by the ``slurm``-marked tests below with real sudo
+    and the real cluster.
+    """
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(attempts=1, **kwargs)
