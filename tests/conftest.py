@@ -36,6 +36,8 @@ import pytest
 import requests
 
 from pvw_hpc.auth import hash_token
+from tests.support import netns
+from tests.support.netns import Hosts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_APP = REPO_ROOT / "examples" / "demo" / "app.py"
@@ -143,8 +145,12 @@ def free_port_range(count: int) -> tuple[int, int]:
 class Launcher:
     """One ``pvw-hpc serve`` process (restartable) on its own config, plus HTTP helpers."""
 
-    def __init__(self, root: Path, config: dict[str, Any]):
+    def __init__(self, root: Path, config: dict[str, Any], command_prefix: list[str] | None = None,
+                 extra_env: dict[str, str] | None = None):
         self.root = root
+        # run "pvw-hpc serve" through this (e.g. on a namespace host); it must exec, keeping the pid
+        self.command_prefix = list(command_prefix or [])
+        self.extra_env = dict(extra_env or {})
         self.config = config
         self.config_path = root / "launcher.json"
         self.proxy_file = Path(config["configuration"]["proxy_file"])
@@ -163,9 +169,10 @@ class Launcher:
         assert self.proc is None or self.proc.poll() is not None, "launcher already running"
         env = {k: v for k, v in os.environ.items() if k not in ("WSLINK_READY_MSG", "PVW_HPC_CONFIG")}
         env[MARKER_ENV] = str(self.root)
+        env.update(self.extra_env)
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(
-                [str(PVW_HPC_BIN), "serve", "--config", str(self.config_path)],
+                [*self.command_prefix, str(PVW_HPC_BIN), "serve", "--config", str(self.config_path)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, cwd=self.root,
                 start_new_session=True,  # its own process group
             )
@@ -343,7 +350,8 @@ class Launcher:
         self.kill9()
         jobs = self.job_ids()
         if jobs and shutil.which("scancel"):
-            subprocess.run(["scancel", *jobs], capture_output=True, timeout=30)
+            # the launcher's own SLURM_CONF (a namespace cluster): job ids are per cluster
+            subprocess.run(["scancel", *jobs], capture_output=True, timeout=30, env={**os.environ, **self.extra_env})
         leftovers: dict[int, str] = {}
         for _ in range(3):
             for pid in self.app_pids():
@@ -381,6 +389,9 @@ class LauncherFactory:
         ports: int = 20,
         configuration: dict[str, Any] | None = None,
         clusters: dict[str, Any] | None = None,
+        resources: list[dict[str, Any]] | None = None,
+        command_prefix: list[str] | None = None,
+        extra_env: dict[str, str] | None = None,
         start: bool = True,
     ) -> Launcher:
         root = Path(tempfile.mkdtemp(prefix="pvw-test-", dir="/tmp"))
@@ -403,7 +414,7 @@ class LauncherFactory:
         }
         config: dict[str, Any] = {
             "configuration": conf,
-            "resources": [{"host": "127.0.0.1", "port_range": [lo, hi]}],
+            "resources": resources if resources is not None else [{"host": "127.0.0.1", "port_range": [lo, hi]}],
             "properties": {"python_exec": sys.executable, "demo_app": str(DEMO_APP), **(properties or {})},
             "apps": {"demo": demo_app_config(), **(apps or {})},
         }
@@ -415,7 +426,7 @@ class LauncherFactory:
                        **cluster}
                 for name, cluster in clusters.items()
             }
-        launcher = Launcher(root, config)
+        launcher = Launcher(root, config, command_prefix, extra_env)
         self.launchers.append(launcher)
         if start:
             launcher.start()
@@ -471,3 +482,33 @@ SLURM_DEMO_APP: dict[str, Any] = {
     "ready_line": "Starting factory",
 }
 
+
+
+# -- namespace hosts (the seed's two- and many-machine layouts) ------------------------------
+
+
+@pytest.fixture(scope="session")
+def netns_hosts() -> Iterator[Hosts]:
+    """host1..host4 as network namespaces on a private subnet; torn down even when tests fail."""
+    reason = netns.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    hosts = Hosts(Path(os.environ.get("PVW_TEST_NETNS_ROOT", "/tmp/pvw-test-netns")),
+                  net=os.environ.get("PVW_TEST_NET", "10.250.0"))
+    try:
+        yield hosts.up()
+    finally:
+        hosts.down()
+
+
+def ws_roundtrip_on(hosts: Hosts, host: int, url: str, secret: str) -> dict[str, Any]:
+    """Hello + two RPCs from ``hostN`` (the browser's side of the seed's layouts); raises with the error."""
+    done = hosts.run(host, [sys.executable, "-m", "tests.support.ws_roundtrip", url], input=secret, check=False,
+                     cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    try:
+        answer: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise AssertionError(f"ws_roundtrip on host{host} printed nothing useful: {done.stderr[-2000:]}") from None
+    if done.returncode != 0:
+        raise AssertionError(f"WebSocket from host{host} to {url} failed: {answer.get('error')}")
+    return answer

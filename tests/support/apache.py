@@ -53,8 +53,8 @@ _CONF_TEMPLATE = """\
 ServerRoot "{root}"
 DefaultRuntimeDir "{root}/run"
 PidFile "{root}/run/httpd.pid"
-Listen 127.0.0.1:{port}
-ServerName 127.0.0.1
+Listen {listen_host}:{port}
+ServerName {listen_host}
 {user_group}
 {load_modules}
 
@@ -132,14 +132,20 @@ class ApacheInstance:
         port: int | None = None,
         start_timeout: float = 10.0,
         vhost: str | None = None,
+        listen_host: str = "127.0.0.1",
+        command_prefix: list[str] | None = None,
     ) -> None:
         """Create the instance directory (not started yet).
 
         ``proxy_file`` defaults to ``<root>/proxy.txt``; ``launcher_port`` is
         where ``/paraview`` is forwarded; ``port`` defaults to a free one.
         ``vhost`` replaces the built-in ``<VirtualHost>`` block (e.g. the output
-        of ``pvw-hpc apache-config --listen 127.0.0.1:<port>``).
+        of ``pvw-hpc apache-config --listen 127.0.0.1:<port>``). ``listen_host`` and
+        ``command_prefix`` run it on another (namespace) host: the prefix goes
+        before ``apache2`` and must ``exec`` it, so our child is Apache itself.
         """
+        self.listen_host = listen_host
+        self._command_prefix = list(command_prefix or [])
         self._vhost = vhost
         self._root = Path(tempfile.mkdtemp(prefix="pvw-apache-", dir="/tmp"))
         # mkdtemp makes 0700; www-data must be able to traverse it.
@@ -168,12 +174,12 @@ class ApacheInstance:
     @property
     def url(self) -> str:
         """Base HTTP URL, e.g. for ``POST {url}/paraview/``."""
-        return f"http://127.0.0.1:{self._port}"
+        return f"http://{self.listen_host}:{self._port}"
 
     @property
     def ws_url_base(self) -> str:
         """Base WebSocket URL; append ``/proxy?sessionId=<id>&path=ws``."""
-        return f"ws://127.0.0.1:{self._port}"
+        return f"ws://{self.listen_host}:{self._port}"
 
     @property
     def error_log(self) -> Path:
@@ -227,6 +233,7 @@ class ApacheInstance:
                 vhost=vhost,
                 root=self._root,
                 port=self._port,
+                listen_host=self.listen_host,
                 user_group=user_group,
                 load_modules=load_modules,
                 error_log=self.error_log,
@@ -262,7 +269,7 @@ class ApacheInstance:
         # tests run, and a full pipe would block Apache.
         with self.stderr_log.open("wb") as stderr:
             self._proc = subprocess.Popen(
-                [APACHE_BIN, "-f", str(self.conf_path), "-D", "FOREGROUND"],
+                [*self._command_prefix, APACHE_BIN, "-f", str(self.conf_path), "-D", "FOREGROUND"],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
@@ -333,7 +340,7 @@ class ApacheInstance:
     def _port_answers(self) -> bool:
         """True once a TCP connect to our port succeeds."""
         try:
-            with socket.create_connection(("127.0.0.1", self._port), timeout=0.2):
+            with socket.create_connection((self.listen_host, self._port), timeout=0.2):
                 return True
         except OSError:
             return False

@@ -1,0 +1,91 @@
+"""The seed's second layout, for real: Apache on host1; the launcher and its apps on host2.
+
+host1 and host2 are network namespaces with their own addresses
+(``tests/support/netns.py``). ``pvw-hpc serve`` runs on host2 with the local
+backend and writes the map file into a folder that host1's Apache reads too
+(the seed's "shared network drive": here both hosts see one filesystem). The
+app listens on host2's address, so the map line must carry it; ``sessionURL``
+names host1, and the WebSocket client runs on host1.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import TEXT_PLAIN, Launcher, LauncherFactory, wait_for, ws_roundtrip_on
+from tests.support.apache import ApacheInstance
+from tests.support.apache import skip_reason as apache_skip_reason
+from tests.support.netns import Hosts
+
+pytestmark = [pytest.mark.netns, pytest.mark.apache,
+              pytest.mark.skipif(apache_skip_reason() is not None, reason=str(apache_skip_reason()))]
+
+APACHE_PORT = 8080
+LAUNCHER_PORT = 9000
+
+
+@pytest.fixture(scope="module")
+def layout2(netns_hosts: Hosts, module_launcher: LauncherFactory) -> Iterator[tuple[Launcher, ApacheInstance]]:
+    hosts = netns_hosts
+    shared = Path(tempfile.mkdtemp(prefix="pvw-shared-", dir="/tmp"))
+    shared.chmod(0o755)  # Apache's www-data children read the map file
+    host1, host2 = hosts.address(1), hosts.address(2)
+    lau = module_launcher(
+        configuration={"host": host2, "port": LAUNCHER_PORT, "proxy_file": str(shared / "proxy.txt")},
+        session_url=f"ws://{host1}:{APACHE_PORT}/proxy?sessionId=${{id}}&path=ws",
+        resources=[{"host": host2, "port_range": [9001, 9003]}],
+        command_prefix=hosts.argv(2, []),
+    )
+    vhost = f"""\
+<VirtualHost {host1}:{APACHE_PORT}>
+    ProxyPass /paraview http://{host2}:{LAUNCHER_PORT}/paraview
+    RewriteEngine On
+    RewriteMap session-to-port txt:{shared / "proxy.txt"}
+    RewriteCond %{{QUERY_STRING}} ^sessionId=(.*)&path=(.*)$ [NC]
+    RewriteRule ^/proxy.*$ ws://${{session-to-port:%1}}/%2 [P]
+</VirtualHost>
+"""
+    apache = ApacheInstance(proxy_file=shared / "proxy.txt", port=APACHE_PORT, vhost=vhost, listen_host=host1,
+                            command_prefix=hosts.argv(1, []))
+    try:
+        apache.start()
+        yield lau, apache
+    finally:
+        apache.cleanup()
+        for path in shared.iterdir():
+            path.unlink()
+        shared.rmdir()
+
+
+def test_launcher_on_host2_serves_sessions_that_a_client_on_host1_reaches_through_apache(
+        layout2: tuple[Launcher, ApacheInstance], netns_hosts: Hosts) -> None:
+    lau, apache = layout2
+    hosts = netns_hosts
+    assert lau.url == f"http://{hosts.address(2)}:{LAUNCHER_PORT}/paraview/"  # bound on host2's address
+    body = json.dumps({"application": "demo"}).encode()
+    browser = requests.Session()  # keeps the creator cookie, as a browser does
+    answers = []
+    for _ in range(2):  # two sessions: two ports on host2, two map lines
+        resp = browser.post(f"{apache.url}/paraview/", data=body, headers={"Content-Type": TEXT_PLAIN}, timeout=60)
+        assert resp.status_code == 200, f"{resp.status_code} {resp.text[:300]}\n{apache.error_log_tail()}"
+        answers.append(resp.json())
+    for answer in answers:
+        assert answer["sessionURL"] == f"ws://{hosts.address(1)}:{APACHE_PORT}/proxy?sessionId={answer['id']}&path=ws"
+        assert f"{answer['id']} {hosts.address(2)}:{answer['port']}" in lau.map_lines()
+        result = ws_roundtrip_on(hosts, 1, answer["sessionURL"], answer["secret"])
+        assert result["results"][0] == 5
+        assert result["results"][1]["host"] == hosts.address(2)
+        assert result["results"][1]["port"] == answer["port"]
+    # the WebSocket went through Apache's tunnel (101), not around it
+    assert " 101 " in apache.access_log.read_text()
+    for answer in answers:
+        assert browser.delete(f"{apache.url}/paraview/{answer['id']}", timeout=30).status_code == 200
+        wait_for(lambda a=answer: all(not line.startswith(a["id"]) for line in lau.map_lines()), 10, "route gone")
+    resp = requests.get(f"{apache.url}/proxy?sessionId={answers[0]['id']}&path=ws", timeout=30)
+    assert resp.status_code == 400  # no route once the session ended
