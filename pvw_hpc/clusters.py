@@ -84,6 +84,10 @@ class ClusterConfig:
     poll_fast_s: float = 1.0
     poll_slow_s: float = 10.0
     command_timeout_s: float = 30.0
+    # ready sessions' node:port are connected to this often (0: never); one that does not answer for
+    # unreachable_after_s is ended and its job cancelled, whatever the scheduler still says
+    probe_every_s: float = 10.0
+    unreachable_after_s: float = 60.0
     commands: Mapping[str, str] = field(default_factory=dict)
     rest: RestAccess | None = None
     # argv before sbatch/scancel to run them as the requesting user, with ${user} in it; empty:
@@ -94,6 +98,7 @@ class ClusterConfig:
 CLUSTER_KEYS = frozenset({
     "scheduler", "access", "job_dir", "template", "callback_url", "python", "node_address", "requeue",
     "defaults", "poll_fast_s", "poll_slow_s", "command_timeout_s", "commands", "rest", "submit_prefix",
+    "probe_every_s", "unreachable_after_s",
 })
 
 Report = Callable[[str, str], None]
@@ -173,6 +178,12 @@ def check_clusters(raw: Any, report_error: Report, warn: Report) -> dict[str, Cl
             value = c.get(key, default)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 error(f"{path}.{key}", "must be a positive number of seconds")
+                value = default
+            timings[key] = float(value)
+        for key, default in (("probe_every_s", 10.0), ("unreachable_after_s", 60.0)):
+            value = c.get(key, default)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                error(f"{path}.{key}", "must be a number of seconds >= 0" + (" (0: never probe)" if key[0] == "p" else ""))
                 value = default
             timings[key] = float(value)
         commands = c.get("commands", {})

@@ -16,12 +16,13 @@ import re
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .batch.base import BatchError, JobId, JobInfo, JobState, Presence
 from .jobs import job_name
 from .local import log_tail
+from .probe import reachable
 from .service import Service
 from .states import SessionState
 from .store import TrackedJob
@@ -31,7 +32,17 @@ log = logging.getLogger(__name__)
 
 RECONCILE_EVERY_S = 60.0  # also after start: jobs by name against sessions
 MAX_BACKOFF_S = 15.0  # while a scheduler is down: keep asking, at most this far apart
+PROBE_TIMEOUT_S = 1.0  # a ready app's node:port that does not accept a connect this fast counts as unreachable
 _MARKER_RE = re.compile(rb"PVW-HPC-READY ([0-9a-f-]{36}) (\S+):(\d+)\r?\n")
+
+
+@dataclass
+class _Reach:
+    """One cluster's reachability probes: when last, who answered once, who is silent since when."""
+
+    last_probe: float = float("-inf")
+    answered: set[str] = field(default_factory=set)
+    silent_since: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -50,6 +61,7 @@ class Poller:
         self.store = service.store
         self._scans: dict[str, _LogScan] = {}
         self._failures: dict[str, int] = {}  # cluster -> consecutive failed queries
+        self._reach: dict[str, _Reach] = {}  # cluster -> what the probes of its ready apps found
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -153,6 +165,9 @@ class Poller:
                 intervals.append(cluster.poll_fast_s if name in self.service.unreachable else cluster.poll_slow_s)
                 continue
             ok, why, busy = self._poll_cluster(name, jobs)
+            if cluster.probe_every_s:
+                self._probe_ready(name, cluster.probe_every_s, cluster.unreachable_after_s)
+                intervals.append(cluster.probe_every_s)
             if ok:
                 self._failures.pop(name, None)
                 self.service.unreachable.pop(name, None)
@@ -195,6 +210,45 @@ class Poller:
                 self._check_marker(job)
             busy = busy or job.state != SessionState.READY
         return not failed, (failed[0].reason or "query failed") if failed else "", busy
+
+    def _probe_ready(self, cluster: str, every_s: float, give_up_after_s: float) -> None:
+        """Connect to every ready app of a cluster; end those silent for ``give_up_after_s``.
+
+        A scheduler learns late that a node is gone (SLURM: ~30 s after its link
+        is cut the job is still RUNNING), and until then the map would route
+        browsers into the void. Only an app that answered from here before can
+        be judged: where the launcher cannot reach the nodes at all (a portal
+        outside the cluster network) nothing is ever ended by a probe.
+        """
+        now = time.monotonic()
+        reach = self._reach.setdefault(cluster, _Reach())
+        if now - reach.last_probe < every_s:
+            return
+        reach.last_probe = now
+        ready = [j for j in self.store.tracked(cluster) if j.state == SessionState.READY and j.host and j.port]
+
+        answers = reachable([(j.host or "", j.port or 0) for j in ready], timeout_s=PROBE_TIMEOUT_S)
+        for job in ready:
+            if answers[(job.host or "", job.port or 0)]:
+                reach.answered.add(job.id)
+                reach.silent_since.pop(job.id, None)
+                continue
+            if job.id not in reach.answered:
+                continue
+            since = reach.silent_since.setdefault(job.id, now)
+            if since == now:
+                log.warning("session %s: its app at %s:%s does not answer (job %s is %s)", job.id, job.host,
+                            job.port, job.job_id, job.native_state)
+            if now - since >= give_up_after_s:
+                error = (f"the app at {job.host}:{job.port} did not answer for {now - since:.0f} s while the "
+                         f"scheduler still reported job {job.job_id} {job.native_state or 'running'}; "
+                         "the job was cancelled")
+                if self.service.lose(job.id, error):
+                    self.moves += 1
+        live = {j.id for j in ready}
+        reach.answered &= live
+        for session_id in set(reach.silent_since) - live:
+            del reach.silent_since[session_id]
 
     def _apply(self, record: TrackedJob, info: JobInfo) -> None:
         """Move one session according to what the scheduler says about its job."""

@@ -277,6 +277,21 @@ class Service:
             log.error("could not cancel job %s of session %s: %s", record.job_id, record.id, exc)
             self.store.update(record.id, error=f"cancelling job {record.job_id} failed: {exc}")
 
+    def lose(self, session_id: str, error: str) -> bool:
+        """The launcher gave up on a live batch session (its app stopped answering): fail it, cancel its job.
+
+        The route goes first, so no browser is sent to an app we consider gone;
+        the job is cancelled so that an app that is only cut off (a node whose
+        link is down) does not hold its node once it is back.
+        """
+        if not self._finish(session_id, SessionState.FAILED, error=error):
+            return False
+        self.map.sync()
+        record = self.store.get(session_id)
+        if record is not None:
+            self.cancel_job(record)
+        return True
+
     def usage(self, user: str | None = None) -> list[dict[str, Any]]:
         """Per user: live sessions and core-hours used in the limits' window (``pvw-hpc usage``)."""
         window = self.config.limits.window_hours

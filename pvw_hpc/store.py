@@ -179,6 +179,8 @@ class TrackedJob:
     native_state: str | None
     scheduler_reason: str | None
     start_estimate: dt.datetime | None
+    host: str | None = None  # where a ready session's app listens: probed for reachability
+    port: int | None = None
 
 
 class PortTaken(Exception):

@@ -494,11 +494,11 @@ def netns_hosts() -> Iterator[Hosts]:
     if reason:
         pytest.skip(reason)
     hosts = Hosts(Path(os.environ.get("PVW_TEST_NETNS_ROOT", "/tmp/pvw-test-netns")),
-                  net=os.environ.get("PVW_TEST_NET", "10.250.0"))
+                  prefix=os.environ.get("PVW_TEST_NETNS_PREFIX", "pvwt"), net=os.environ.get("PVW_TEST_NET", "10.250.0"))
     try:
         yield hosts.up()
     finally:
-        hosts.down()
+        hosts.release()
 
 
 def ws_roundtrip_on(hosts: Hosts, host: int, url: str, secret: str) -> dict[str, Any]:

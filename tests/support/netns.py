@@ -31,6 +31,7 @@ test session never blocks the next one.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
 import os
 import shutil
@@ -71,6 +72,7 @@ class Hosts:
         self.bridge = f"{prefix}br"
         self.bridge_address = f"{net}.254"
         self.hosts_file = root / "etc" / "hosts"
+        self._lock: int | None = None  # one test run at a time may own these namespaces
 
     # -- naming -------------------------------------------------------------------------------
 
@@ -115,6 +117,7 @@ class Hosts:
 
     def up(self) -> Hosts:
         """Build the bridge, namespaces and hosts file (leftovers of a killed run are removed first)."""
+        self._take_lock()
         self.down()
         self._refuse_if_subnet_in_use()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -160,7 +163,29 @@ class Hosts:
                 NETNS_DIR.rmdir()
             marker.unlink()
 
+    def release(self) -> None:
+        """Tear down and let another run have the namespaces."""
+        try:
+            self.down()
+        finally:
+            if self._lock is not None:
+                os.close(self._lock)
+                self._lock = None
+
     # -- internals ----------------------------------------------------------------------------
+
+    def _take_lock(self) -> None:
+        """Fail at once, clearly, when another test run owns namespaces of this prefix (it would lose them)."""
+        if self._lock is not None:
+            return
+        fd = os.open(f"/tmp/{self.prefix}-netns.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(f"another test run is using the namespace hosts {self.prefix}1..4; "
+                               "wait for it, or set PVW_TEST_NETNS_PREFIX and PVW_TEST_NET") from None
+        self._lock = fd
 
     def _refuse_if_subnet_in_use(self) -> None:
         """Never share a subnet with something real: its traffic would be ours to disturb."""
