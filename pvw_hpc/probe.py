@@ -41,7 +41,11 @@ def _probe_batch(addresses: list[Address], timeout_s: float) -> dict[Address, bo
             except OSError:
                 continue
             sock.setblocking(False)
-            code = sock.connect_ex(address)
+            try:
+                code = sock.connect_ex(address)
+            except OSError:  # a name that does not resolve (node_address hostname/fqdn): not reachable
+                sock.close()
+                continue
             if code == 0:
                 result[address] = True
                 sock.close()

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
+from pvw_hpc import jsonc
 from pvw_hpc.auth import hash_token
 from tests.support import netns
 from tests.support.netns import Hosts
@@ -432,6 +433,32 @@ class LauncherFactory:
             launcher.start()
         return launcher
 
+    def from_example(self, name: str, replace: dict[str, str], properties: dict[str, Any] | None = None,
+                     command_prefix: list[str] | None = None, extra_env: dict[str, str] | None = None,
+                     adjust: Callable[[dict[str, Any]], None] | None = None) -> Launcher:
+        """Start a shipped example config (``examples/<name>``) as it is, with ``replace`` applied to its text.
+
+        Only what cannot be the same on this machine changes: host names and
+        shared folders (through ``replace``), paths of the log folder and the
+        programs (``properties``), and the test admin token the helpers read with.
+        ``adjust`` may change the parsed config further; a test says why it does.
+        """
+        root = Path(tempfile.mkdtemp(prefix="pvw-test-", dir="/tmp"))
+        root.chmod(0o755)
+        text = (REPO_ROOT / "examples" / name).read_text()
+        for old, new in replace.items():
+            text = text.replace(old, new)
+        config: dict[str, Any] = jsonc.loads(text)
+        config["configuration"]["log_dir"] = str(root / "logs")
+        config["configuration"]["auth"] = {
+            "anonymous": True, "tokens": [{"name": "test-admin", "sha256": hash_token(ADMIN_TOKEN), "roles": ["admin"]}]}
+        config["properties"].update(properties or {})
+        if adjust is not None:
+            adjust(config)
+        launcher = Launcher(root, config, command_prefix, extra_env)
+        self.launchers.append(launcher)
+        return launcher.start()
+
     def cleanup(self) -> None:
         errors = []
         for launcher in self.launchers:
@@ -499,6 +526,14 @@ def netns_hosts() -> Iterator[Hosts]:
         yield hosts.up()
     finally:
         hosts.release()
+
+
+def example_vhost(name: str, replace: dict[str, str]) -> str:
+    """A shipped example vhost (``examples/<name>``) with ``replace`` applied (addresses, shared folder)."""
+    text = (REPO_ROOT / "examples" / name).read_text()
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    return text
 
 
 def ws_roundtrip_on(hosts: Hosts, host: int, url: str, secret: str) -> dict[str, Any]:

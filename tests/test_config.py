@@ -148,7 +148,9 @@ def test_check_cli_exit_codes_and_env_variable(tmp_path: Path) -> None:
     assert res.returncode == 1 and "line 1" in res.stdout
 
 
-@pytest.mark.parametrize("name", ["examples/local/launcher.json", "examples/one-machine/launcher.json"])
+@pytest.mark.parametrize("name", ["examples/local/launcher.json", "examples/one-machine/launcher.json",
+                                  "examples/two-machines/launcher.json", "examples/many-machines/launcher.json",
+                                  "examples/many-machines/launcher-slurm.json", "examples/slurm/launcher.json"])
 def test_shipped_examples_pass_check(name: str) -> None:
     config, problems = check_file(REPO / name)
     assert config is not None, [str(p) for p in problems]

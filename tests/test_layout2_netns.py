@@ -11,6 +11,8 @@ names host1, and the WebSocket client runs on host1.
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import TEXT_PLAIN, Launcher, LauncherFactory, wait_for, ws_roundtrip_on
+from tests.conftest import DEMO_APP, TEXT_PLAIN, Launcher, LauncherFactory, example_vhost, wait_for, ws_roundtrip_on
 from tests.support.apache import ApacheInstance
 from tests.support.apache import skip_reason as apache_skip_reason
 from tests.support.netns import Hosts
@@ -26,41 +28,31 @@ from tests.support.netns import Hosts
 pytestmark = [pytest.mark.netns, pytest.mark.apache,
               pytest.mark.skipif(apache_skip_reason() is not None, reason=str(apache_skip_reason()))]
 
-APACHE_PORT = 8080
-LAUNCHER_PORT = 9000
+APACHE_PORT = 80  # the example's own ports: inside the namespaces they clash with nothing
+LAUNCHER_PORT = 8080
 
 
 @pytest.fixture(scope="module")
 def layout2(netns_hosts: Hosts, module_launcher: LauncherFactory) -> Iterator[tuple[Launcher, ApacheInstance]]:
+    """``examples/two-machines`` as shipped: only host names and the shared folder are this machine's."""
     hosts = netns_hosts
     shared = Path(tempfile.mkdtemp(prefix="pvw-shared-", dir="/tmp"))
     shared.chmod(0o755)  # Apache's www-data children read the map file
-    host1, host2 = hosts.address(1), hosts.address(2)
-    lau = module_launcher(
-        configuration={"host": host2, "port": LAUNCHER_PORT, "proxy_file": str(shared / "proxy.txt")},
-        session_url=f"ws://{host1}:{APACHE_PORT}/proxy?sessionId=${{id}}&path=ws",
-        resources=[{"host": host2, "port_range": [9001, 9003]}],
-        command_prefix=hosts.argv(2, []),
-    )
-    vhost = f"""\
-<VirtualHost {host1}:{APACHE_PORT}>
-    ProxyPass /paraview http://{host2}:{LAUNCHER_PORT}/paraview
-    RewriteEngine On
-    RewriteMap session-to-port txt:{shared / "proxy.txt"}
-    RewriteCond %{{QUERY_STRING}} ^sessionId=(.*)&path=(.*)$ [NC]
-    RewriteRule ^/proxy.*$ ws://${{session-to-port:%1}}/%2 [P]
-</VirtualHost>
-"""
-    apache = ApacheInstance(proxy_file=shared / "proxy.txt", port=APACHE_PORT, vhost=vhost, listen_host=host1,
-                            command_prefix=hosts.argv(1, []))
+    replace = {"host1.example.com": hosts.address(1), "host2.example.com": hosts.address(2),
+               "/shared/pvw-hpc": str(shared), "*:80": f"{hosts.address(1)}:{APACHE_PORT}"}
+    lau = module_launcher.from_example("two-machines/launcher.json", replace,
+                                       properties={"demo_python": sys.executable, "demo_app": str(DEMO_APP)},
+                                       command_prefix=hosts.argv(2, []))
+    apache = ApacheInstance(proxy_file=shared / "proxy.txt", port=APACHE_PORT,
+                            vhost=example_vhost("two-machines/apache-vhost.conf", replace),
+                            listen_host=hosts.address(1), command_prefix=hosts.argv(1, []))
     try:
         apache.start()
         yield lau, apache
     finally:
         apache.cleanup()
-        for path in shared.iterdir():
-            path.unlink()
-        shared.rmdir()
+        module_launcher.cleanup()
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_launcher_on_host2_serves_sessions_that_a_client_on_host1_reaches_through_apache(
@@ -71,17 +63,19 @@ def test_launcher_on_host2_serves_sessions_that_a_client_on_host1_reaches_throug
     body = json.dumps({"application": "demo"}).encode()
     browser = requests.Session()  # keeps the creator cookie, as a browser does
     answers = []
-    for _ in range(2):  # two sessions: two ports on host2, two map lines
+    for _ in range(2):
         resp = browser.post(f"{apache.url}/paraview/", data=body, headers={"Content-Type": TEXT_PLAIN}, timeout=60)
         assert resp.status_code == 200, f"{resp.status_code} {resp.text[:300]}\n{apache.error_log_tail()}"
         answers.append(resp.json())
+    routes = dict(line.split(" ", 1) for line in lau.map_lines())
+    assert len({routes[a["id"]] for a in answers}) == 2  # two ports on host2, two map lines
     for answer in answers:
-        assert answer["sessionURL"] == f"ws://{hosts.address(1)}:{APACHE_PORT}/proxy?sessionId={answer['id']}&path=ws"
-        assert f"{answer['id']} {hosts.address(2)}:{answer['port']}" in lau.map_lines()
+        assert answer["sessionURL"] == f"ws://{hosts.address(1)}/proxy?sessionId={answer['id']}&path=ws"
+        host, port = routes[answer["id"]].split(":")
+        assert host == hosts.address(2)  # the app's own host, not 127.0.0.1 and not host1
         result = ws_roundtrip_on(hosts, 1, answer["sessionURL"], answer["secret"])
         assert result["results"][0] == 5
-        assert result["results"][1]["host"] == hosts.address(2)
-        assert result["results"][1]["port"] == answer["port"]
+        assert (result["results"][1]["host"], result["results"][1]["port"]) == (host, int(port))
     # the WebSocket went through Apache's tunnel (101), not around it
     assert " 101 " in apache.access_log.read_text()
     for answer in answers:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,7 +23,16 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import ADMIN_HEADERS, SLURM_DEMO_APP, TEXT_PLAIN, Launcher, LauncherFactory, wait_for, ws_roundtrip_on
+from tests.conftest import (
+    ADMIN_HEADERS,
+    DEMO_APP,
+    TEXT_PLAIN,
+    Launcher,
+    LauncherFactory,
+    example_vhost,
+    wait_for,
+    ws_roundtrip_on,
+)
 from tests.support import netns_slurm
 from tests.support.apache import ApacheInstance
 from tests.support.apache import skip_reason as apache_skip_reason
@@ -35,14 +45,23 @@ pytestmark = [
     pytest.mark.skipif(netns_slurm.skip_reason() is not None, reason=str(netns_slurm.skip_reason())),
 ]
 
-APACHE_PORT = 8080
-LAUNCHER_PORT = 9000
-CLUSTER = {"scheduler": "slurm", "poll_fast_s": 0.5, "poll_slow_s": 2, "probe_every_s": 2,
-           "defaults": {"time": "00:10:00", "cpus": 1}}
+APACHE_PORT = 80  # the example's own ports: inside the namespaces they clash with nothing
 
 
-def pinned(node: int, cluster: str = "pvwnet") -> dict[str, Any]:
-    return {**SLURM_DEMO_APP, "cluster": cluster, "resources": {"extra_directives": [f"--nodelist=host{node}"]}}
+def adjust(config: dict[str, Any]) -> None:
+    """What the tests change in ``examples/many-machines/launcher-slurm.json``, and why.
+
+    Faster polls and probes, so a test waits seconds, not minutes; a second
+    cluster (the same SLURM) whose probes give up after 4 s, to see a session
+    ended by its probe before SLURM notices anything; apps pinned to a node.
+    """
+    cluster = config["clusters"]["pvwnet"]
+    cluster.update({"poll_fast_s": 0.5, "poll_slow_s": 2, "probe_every_s": 2})
+    config["clusters"]["pvwnet-probe"] = {**cluster, "unreachable_after_s": 4,
+                                          "job_dir": cluster["job_dir"] + "-probe"}
+    demo = config["apps"]["demo"]
+    for name, node, on in (("demo-host3", 3, "pvwnet"), ("demo-host4", 4, "pvwnet"), ("probe-host3", 3, "pvwnet-probe")):
+        config["apps"][name] = {**demo, "cluster": on, "resources": {"extra_directives": [f"--nodelist=host{node}"]}}
 
 
 class Layout:
@@ -90,29 +109,15 @@ def layout(netns_hosts: Hosts, module_launcher: LauncherFactory) -> Iterator[Lay
     apache = None
     try:
         slurm.up()
-        host1, host2 = hosts.address(1), hosts.address(2)
-        lau = module_launcher(
-            configuration={"host": host2, "port": LAUNCHER_PORT, "proxy_file": str(shared / "proxy.txt")},
-            session_url=f"ws://{host1}:{APACHE_PORT}/proxy?sessionId=${{id}}&path=ws",
-            timeout=60,
-            resources=[],
-            clusters={"pvwnet": CLUSTER, "pvwnet-probe": {**CLUSTER, "unreachable_after_s": 4}},
-            apps={"demo": {**SLURM_DEMO_APP, "cluster": "pvwnet"}, "demo-host3": pinned(3), "demo-host4": pinned(4),
-                  "probe-host3": pinned(3, "pvwnet-probe")},
-            command_prefix=hosts.argv(2, []),
-            extra_env={"SLURM_CONF": str(slurm.conf)},
-        )
-        vhost = f"""\
-<VirtualHost {host1}:{APACHE_PORT}>
-    ProxyPass /paraview http://{host2}:{LAUNCHER_PORT}/paraview
-    RewriteEngine On
-    RewriteMap session-to-port txt:{shared / "proxy.txt"}
-    RewriteCond %{{QUERY_STRING}} ^sessionId=(.*)&path=(.*)$ [NC]
-    RewriteRule ^/proxy.*$ ws://${{session-to-port:%1}}/%2 [P]
-</VirtualHost>
-"""
-        apache = ApacheInstance(proxy_file=shared / "proxy.txt", port=APACHE_PORT, vhost=vhost, listen_host=host1,
-                                command_prefix=hosts.argv(1, []))
+        replace = {**{f"host{n}.example.com": hosts.address(n) for n in (1, 2, 3, 4)},
+                   "/shared/pvw-hpc": str(shared), "*:80": f"{hosts.address(1)}:{APACHE_PORT}"}
+        lau = module_launcher.from_example(
+            "many-machines/launcher-slurm.json", replace,
+            properties={"demo_python": sys.executable, "demo_app": str(DEMO_APP)},
+            command_prefix=hosts.argv(2, []), extra_env={"SLURM_CONF": str(slurm.conf)}, adjust=adjust)
+        apache = ApacheInstance(proxy_file=shared / "proxy.txt", port=APACHE_PORT,
+                                vhost=example_vhost("many-machines/apache-vhost.conf", replace),
+                                listen_host=hosts.address(1), command_prefix=hosts.argv(1, []))
         apache.start()
         yield Layout(hosts, slurm, lau, apache)
     finally:

@@ -16,6 +16,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import REPO_ROOT, TEXT_PLAIN, Launcher, LauncherFactory, wait_for, ws_roundtrip_on
+from tests.conftest import DEMO_APP, REPO_ROOT, TEXT_PLAIN, Launcher, LauncherFactory, example_vhost, wait_for, ws_roundtrip_on
 from tests.support import netns_ssh
 from tests.support.apache import ApacheInstance
 from tests.support.apache import skip_reason as apache_skip_reason
@@ -37,45 +38,30 @@ pytestmark = [
     pytest.mark.skipif(netns_ssh.skip_reason() is not None, reason=str(netns_ssh.skip_reason())),
 ]
 
-APACHE_PORT = 8080
-LAUNCHER_PORT = 9000
+APACHE_PORT = 80  # the example's own ports: inside the namespaces they clash with nothing
 CUSTOM_SCRIPT = REPO_ROOT / "examples" / "many-machines" / "customScript.sh"
-PORTS_PER_HOST = (9001, 9002)
+PORTS_PER_HOST = (9001, 9002, 9003)  # the example's port_range
 
 
 @pytest.fixture(scope="module")
 def layout(netns_hosts: Hosts, module_launcher: LauncherFactory) -> Iterator[tuple[Launcher, ApacheInstance]]:
+    """``examples/many-machines`` as shipped: host names, user, shared folder and paths are this machine's."""
     hosts = netns_hosts
     shared = Path(tempfile.mkdtemp(prefix="pvw-shared-", dir="/tmp"))
     shared.chmod(0o755)
     ssh = SshHosts(hosts, shared / "ssh", on=(3, 4))
     apache = None
+    replace = {**{f"host{n}.example.com": hosts.address(n) for n in (1, 2, 3, 4)}, "pvw-user": ssh.user,
+               "/shared/pvw-hpc": str(shared), "*:80": f"{hosts.address(1)}:{APACHE_PORT}"}
     try:
         ssh.start()
-        host1, host2 = hosts.address(1), hosts.address(2)
-        lau = module_launcher(
-            configuration={"host": host2, "port": LAUNCHER_PORT, "proxy_file": str(shared / "proxy.txt")},
-            session_url=f"ws://{host1}:{APACHE_PORT}/proxy?sessionId=${{id}}&path=ws",
-            resources=[{"host": hosts.address(n), "port_range": list(PORTS_PER_HOST)} for n in (3, 4)],
-            apps={"visualizer": {
-                "cmd": [str(CUSTOM_SCRIPT), "${host}", ssh.user, "${port}",
-                        "${python_exec}", "${demo_app}", "--host", "${host}", "--port", "${port}",
-                        "--authKey", "${secret}", "--timeout", "300"],
-                "ready_line": "Starting factory"}},
-            command_prefix=hosts.argv(2, []),
-            extra_env={"PVW_SSH_CONFIG": str(ssh.client_config)},
-        )
-        vhost = f"""\
-<VirtualHost {host1}:{APACHE_PORT}>
-    ProxyPass /paraview http://{host2}:{LAUNCHER_PORT}/paraview
-    RewriteEngine On
-    RewriteMap session-to-port txt:{shared / "proxy.txt"}
-    RewriteCond %{{QUERY_STRING}} ^sessionId=(.*)&path=(.*)$ [NC]
-    RewriteRule ^/proxy.*$ ws://${{session-to-port:%1}}/%2 [P]
-</VirtualHost>
-"""
-        apache = ApacheInstance(proxy_file=shared / "proxy.txt", port=APACHE_PORT, vhost=vhost, listen_host=host1,
-                                command_prefix=hosts.argv(1, []))
+        lau = module_launcher.from_example(
+            "many-machines/launcher.json", replace,
+            properties={"custom_script": str(CUSTOM_SCRIPT), "demo_python": sys.executable, "demo_app": str(DEMO_APP)},
+            command_prefix=hosts.argv(2, []), extra_env={"PVW_SSH_CONFIG": str(ssh.client_config)})
+        apache = ApacheInstance(proxy_file=shared / "proxy.txt", port=APACHE_PORT,
+                                vhost=example_vhost("many-machines/apache-vhost.conf", replace),
+                                listen_host=hosts.address(1), command_prefix=hosts.argv(1, []))
         apache.start()
         yield lau, apache
     finally:
@@ -116,15 +102,17 @@ def test_sessions_on_host3_and_host4_over_ssh_are_reached_through_apache_and_del
     browser = requests.Session()
     answers: list[dict[str, Any]] = []
     for _ in range(2 * len(PORTS_PER_HOST)):  # host3's ports first, then host4's, as the resources list them
-        resp = browser.post(f"{apache.url}/paraview/", data=json.dumps({"application": "visualizer"}).encode(),
+        resp = browser.post(f"{apache.url}/paraview/", data=json.dumps({"application": "demo"}).encode(),
                             headers={"Content-Type": TEXT_PLAIN}, timeout=60)
         assert resp.status_code == 200, f"{resp.status_code} {resp.text[:500]}\n{lau.stderr_tail()}"
         answers.append(resp.json())
-    assert sorted((a["host"], a["port"]) for a in answers) == sorted(
-        (hosts.address(n), p) for n in (3, 4) for p in PORTS_PER_HOST)
     routes = dict(line.split(" ", 1) for line in lau.map_lines())
+    # every port of both hosts, the remote host's address in each map line
+    assert sorted(routes[a["id"]] for a in answers) == sorted(
+        f"{hosts.address(n)}:{p}" for n in (3, 4) for p in PORTS_PER_HOST)
     for answer in answers:
-        assert routes[answer["id"]] == f"{answer['host']}:{answer['port']}"  # the remote host's address
+        host, port = routes[answer["id"]].split(":")
+        answer["host"], answer["port"] = host, int(port)
         whoami = ws_roundtrip_on(hosts, 1, answer["sessionURL"], answer["secret"])["results"][1]
         assert (whoami["host"], whoami["port"]) == (answer["host"], answer["port"])
         assert whoami["pid"] not in lau.app_pids()  # the app is not a process the launcher started here
