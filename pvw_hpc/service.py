@@ -224,8 +224,8 @@ class Service:
     def get(self, session_id: str, identity: Identity = LOCAL_ADMIN, secret: str | None = None) -> dict[str, Any]:
         record = self._get(session_id)
         self._authorize(record, identity, secret, stop=False)
-        if record.state == SessionState.READY and self.map.pending():
-            self.map.wait_pending()  # "ready" promises a route: never answer it before the line is on disk
+        if self.map.pending():  # the map agrees with the state we answer: a route for "ready", none after it
+            self.map.wait_pending()
         return self.view(record)
 
     def view(self, record: SessionRecord) -> dict[str, Any]:
