@@ -25,8 +25,10 @@ from typing import Any
 from .batch.base import USER_PLACEHOLDER
 from .batch.base import is_valid_user as is_valid_user  # re-exported: the service checks names with it
 
-SCHEDULERS = ("slurm",)
-ACCESS_MODES = {"slurm": ("cli", "rest")}
+SCHEDULERS = ("slurm", "pbs", "htcondor")
+# the first mode is the default
+ACCESS_MODES = {"slurm": ("cli", "rest"), "pbs": ("cli",), "htcondor": ("bindings",)}
+PBS_FLAVORS = ("pbspro", "torque")  # status dialect and resource syntax: qstat -F json + select, or text + ppn
 NODE_ADDRESS_MODES = ("ip", "hostname", "fqdn")
 
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]{1,64}\Z")
@@ -86,6 +88,12 @@ class ClusterConfig:
     command_timeout_s: float = 30.0
     # ready sessions' node:port are connected to this often (0: never); one that does not answer for
     # unreachable_after_s is ended and its job cancelled, whatever the scheduler still says
+    flavor: str | None = None  # pbs only: "pbspro" or "torque"
+    condor_config: str | None = None  # htcondor only: the client's CONDOR_CONFIG (else the environment's)
+    schedd: str | None = None  # htcondor only: the schedd's name (else the local one)
+    # the account jobs run as when it is not the launcher's and not the requester's (HTCondor's token
+    # identity, slurmrestd's token user): job folders are given to it so the job can read and write them
+    job_user: str | None = None
     probe_every_s: float = 10.0
     unreachable_after_s: float = 60.0
     commands: Mapping[str, str] = field(default_factory=dict)
@@ -98,7 +106,7 @@ class ClusterConfig:
 CLUSTER_KEYS = frozenset({
     "scheduler", "access", "job_dir", "template", "callback_url", "python", "node_address", "requeue",
     "defaults", "poll_fast_s", "poll_slow_s", "command_timeout_s", "commands", "rest", "submit_prefix",
-    "probe_every_s", "unreachable_after_s",
+    "probe_every_s", "unreachable_after_s", "flavor", "condor_config", "schedd", "job_user",
 })
 
 Report = Callable[[str, str], None]
@@ -150,7 +158,7 @@ def check_clusters(raw: Any, report_error: Report, warn: Report) -> dict[str, Cl
         if scheduler not in SCHEDULERS:
             error(f"{path}.scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
             continue
-        access = c.get("access", "cli")
+        access = c.get("access", ACCESS_MODES[scheduler][0])
         if access not in ACCESS_MODES[scheduler]:
             error(f"{path}.access", f"must be one of {', '.join(ACCESS_MODES[scheduler])}, got {access!r}")
         job_dir = c.get("job_dir")
@@ -193,6 +201,24 @@ def check_clusters(raw: Any, report_error: Report, warn: Report) -> dict[str, Cl
         rest = None
         if access == "rest":
             rest = _check_rest(c.get("rest"), f"{path}.rest", error)
+        flavor = c.get("flavor")
+        if scheduler == "pbs":
+            flavor = flavor if flavor is not None else "pbspro"
+            if flavor not in PBS_FLAVORS:
+                error(f"{path}.flavor", f"must be one of {', '.join(PBS_FLAVORS)}, got {flavor!r}")
+        elif flavor is not None:
+            error(f"{path}.flavor", "only PBS clusters have a flavor")
+        condor = {key: c.get(key) for key in ("condor_config", "schedd")}
+        for key, value in condor.items():
+            if value is not None and (scheduler != "htcondor" or not isinstance(value, str) or not _LINE.match(value)
+                                      or not value or (key == "condor_config" and not value.startswith("/"))):
+                error(f"{path}.{key}", "an HTCondor cluster's " + ("absolute config file path" if key == "condor_config"
+                                                                   else "schedd name"))
+        job_user = c.get("job_user")
+        if job_user is not None and not is_valid_user(job_user):
+            error(f"{path}.job_user", "must be a user name (lowercase letters, digits, _ and -; not root)")
+        if job_user is not None and c.get("submit_prefix"):
+            error(f"{path}.job_user", "jobs run either as the requesting user (submit_prefix) or as job_user")
         defaults = check_resources(c.get("defaults"), f"{path}.defaults", error)
         submit_prefix = check_submit_prefix(c.get("submit_prefix"), access, f"{path}.submit_prefix", error, warn)
         if len(seen) != before:
@@ -201,7 +227,7 @@ def check_clusters(raw: Any, report_error: Report, warn: Report) -> dict[str, Cl
             name=name, scheduler=scheduler, job_dir=Path(job_dir), access=access, template=template,
             callback_url=callback.rstrip("/") if callback else None, python=python, node_address=node_address,
             requeue=requeue, defaults=defaults, commands=dict(commands), rest=rest, submit_prefix=submit_prefix,
-            **timings,
+            flavor=flavor, job_user=job_user, **condor, **timings,
         )
     return clusters
 

@@ -55,6 +55,26 @@ class RawShell(str):
     """Admin-written shell text that goes into the script unquoted."""
 
 
+# schedulers whose template is not a shell script: the job body goes into body.sh beside it
+TEMPLATE_NAMES = {"htcondor": "htcondor.sub.j2"}
+BODY_TEMPLATE = "_common/job.sh.j2"
+
+
+def _finalize_line(value: Any) -> Any:
+    """Values in a submit description: written as they are, but never a second line or a control character.
+
+    A submit description is not a shell script, so quoting would be wrong; what
+    reaches it is validated (resources, the admin's paths, our ids), and this
+    refuses anything that could start a command of its own.
+    """
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"refusing to render {value!r} into a submit description")
+    text = str(value)
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        raise ValueError(f"refusing to render a control character into a submit description: {text!r}")
+    return text
+
+
 def _finalize(value: Any) -> Any:
     if isinstance(value, RawShell):
         return value
@@ -76,6 +96,11 @@ class JobFiles:
     @property
     def log(self) -> Path:
         return self.dir / "job.log"
+
+    @property
+    def body(self) -> Path:
+        """The job body as a script of its own, for schedulers that submit a description, not a script."""
+        return self.dir / "body.sh"
 
     @property
     def spec(self) -> Path:
@@ -107,28 +132,80 @@ def template_environment(cluster: ClusterConfig) -> tuple[jinja2.Environment, st
     """The Jinja environment for a cluster and the name of its script template."""
     shipped = resources.files("jobscripts")
     loaders: list[jinja2.BaseLoader] = []
-    name = f"{cluster.scheduler}.sh.j2"
+    name = TEMPLATE_NAMES.get(cluster.scheduler, f"{cluster.scheduler}.sh.j2")
     if cluster.template:
         site = Path(cluster.template)
         loaders.append(jinja2.FileSystemLoader(str(site.parent)))
         name = site.name
     loaders.append(jinja2.FileSystemLoader(str(shipped)))
-    env = jinja2.Environment(
-        loader=jinja2.ChoiceLoader(loaders), undefined=jinja2.StrictUndefined, finalize=_finalize,
-        autoescape=False, keep_trailing_newline=True,
-    )
-    env.filters["raw"] = RawShell
+    env = _environment(loaders, submit_description=name.endswith(".sub.j2"))
     return env, name
 
 
+def _environment(loaders: list[jinja2.BaseLoader], submit_description: bool = False) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.ChoiceLoader(loaders), undefined=jinja2.StrictUndefined,
+        finalize=_finalize_line if submit_description else _finalize, autoescape=False, keep_trailing_newline=True,
+    )
+    env.filters["raw"] = RawShell
+    env.filters["seconds"] = time_seconds
+    env.filters["hms"] = lambda value: _hms(time_seconds(value))
+    env.filters["megabytes"] = megabytes
+    return env
+
+
+def time_seconds(value: int | str) -> int:
+    """A ``time`` resource (read as sbatch reads ``--time``: minutes, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in seconds.
+
+    Templates for schedulers that spell walltimes differently (PBS ``HH:MM:SS``,
+    HTCondor seconds) convert with the ``seconds`` and ``hms`` filters.
+    """
+    if isinstance(value, int):
+        return value * 60
+    days, _, rest = value.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:
+        hours, minutes, secs = (parts + [0, 0])[:3]
+    elif len(parts) == 1:
+        hours, minutes, secs = 0, parts[0], 0
+    elif len(parts) == 2:
+        hours, minutes, secs = 0, parts[0], parts[1]
+    else:
+        hours, minutes, secs = parts
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + secs
+
+
+def _hms(total: int) -> str:
+    return f"{total // 3600:02d}:{total % 3600 // 60:02d}:{total % 60:02d}"
+
+
+def megabytes(value: str) -> int:
+    """A ``memory`` resource (``4G``, ``4000M``, ``4000`` = MB as sbatch reads it) in whole megabytes."""
+    scale = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
+    unit = value[-1].upper() if value[-1].isalpha() else "M"
+    number = int(value[:-1] if value[-1].isalpha() else value)
+    return max(1, round(number * scale[unit]))
+
+
 def render_script(cluster: ClusterConfig, session_id: str, job_resources: dict[str, Any]) -> tuple[str, str]:
-    """The job script text and the template file it came from."""
+    """The job script (or submit description) text and the template file it came from."""
     env, name = template_environment(cluster)
     template = env.get_template(name)
     text = template.render(
-        job_name=job_name(session_id), files=job_files(cluster, session_id), cluster=cluster, r=job_resources,
+        job_name=job_name(session_id), session_id=session_id, files=job_files(cluster, session_id), cluster=cluster,
+        r=job_resources,
     )
     return text, str(template.filename)
+
+
+def render_body(cluster: ClusterConfig, session_id: str, job_resources: dict[str, Any]) -> str | None:
+    """``body.sh`` for schedulers that submit a description rather than a script (HTCondor); else None."""
+    _env, name = template_environment(cluster)
+    if not name.endswith(".sub.j2"):
+        return None
+    env = _environment([jinja2.FileSystemLoader(str(resources.files("jobscripts")))])
+    return env.get_template(BODY_TEMPLATE).render(files=job_files(cluster, session_id), cluster=cluster,
+                                                  r=job_resources)
 
 
 def merged_resources(cluster: ClusterConfig, app_resources: dict[str, Any]) -> dict[str, Any]:
@@ -156,6 +233,7 @@ def write_job_files(
     callback_url: str | None,
     owner: str | None = None,
     idle_timeout_s: float | None = None,
+    body: str | None = None,
 ) -> JobScript:
     """Create the session's job folder; files holding secrets are 0600 from the start.
 
@@ -181,6 +259,8 @@ def write_job_files(
         _write(files.secret, secret + "\n", 0o600, ids)
         _write(files.token, token + "\n", 0o600, ids)
         _write(files.script, script, 0o700, ids)
+        if body is not None:
+            _write(files.body, body, 0o700, ids)
         if ids is not None:
             os.chown(files.dir, ids[0], ids[1])
     except BaseException as exc:

@@ -195,7 +195,7 @@ class Poller:
                            "start_estimate": info.start_estimate}
                 if any(getattr(job, k) != v for k, v in changed.items()):
                     bookkeeping.append((job.id, changed))
-                self._apply(job, info)
+                self._apply(name, job, info)
                 if info.state in (JobState.QUEUED, JobState.HELD):
                     waiting.add(job.id)  # it has not run: no ready marker to look for
             elif info.presence == Presence.ABSENT:
@@ -250,7 +250,7 @@ class Poller:
         for session_id in set(reach.silent_since) - live:
             del reach.silent_since[session_id]
 
-    def _apply(self, record: TrackedJob, info: JobInfo) -> None:
+    def _apply(self, cluster: str, record: TrackedJob, info: JobInfo) -> None:
         """Move one session according to what the scheduler says about its job."""
         state = info.state
         if state in (JobState.QUEUED, JobState.HELD):
@@ -263,7 +263,7 @@ class Poller:
             if record.state in (SessionState.SUBMITTED, SessionState.QUEUED):
                 self._move(record, SessionState.STARTING)
         elif state is not None and state.is_final:
-            self._finish(record, info)
+            self._finish(cluster, record, info)
 
     def _confirm_absent(self, cluster: str, records: list[TrackedJob]) -> None:
         """A job gone from the queue ends its session only when something confirms it ended."""
@@ -271,7 +271,7 @@ class Poller:
         for record in records:
             code = _read_exit_code(record)
             if code is not None:
-                self._finish(record, JobInfo(JobId(record.job_id or ""), Presence.FOUND, JobState.COMPLETED,
+                self._finish(cluster, record, JobInfo(JobId(record.job_id or ""), Presence.FOUND, JobState.COMPLETED,
                                              native_state="GONE", exit_code=code))
             else:
                 unconfirmed.append(record)
@@ -281,12 +281,12 @@ class Poller:
         for record in unconfirmed:
             info = history[JobId(record.job_id or "")]
             if info.presence == Presence.FOUND and info.state is not None and info.state.is_final:
-                self._finish(record, info)
+                self._finish(cluster, record, info)
             else:
                 log.warning("job %s of session %s is not in the queue and not confirmed ended; keeping it",
                             record.job_id, record.id)
 
-    def _finish(self, record: TrackedJob, info: JobInfo) -> None:
+    def _finish(self, cluster: str, record: TrackedJob, info: JobInfo) -> None:
         exit_code = _read_exit_code(record)
         if exit_code is None:
             exit_code = info.exit_code
@@ -309,6 +309,8 @@ class Poller:
                     error += f"; job log {record.log_path}, last lines:\n{tail}"
             self._move(record, SessionState.FAILED, exit_code=exit_code, error=error)
         self._scans.pop(record.id, None)
+        if info.stuck and record.job_id:  # e.g. held by HTCondor: it would wait in the queue forever
+            self._cancel(cluster, JobId(record.job_id), f"job {record.job_id} is stuck ({what})")
 
     def _check_marker(self, record: TrackedJob) -> None:
         """The job side's marker line in the job log: the fallback when callbacks cannot reach us."""

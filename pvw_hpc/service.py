@@ -200,8 +200,12 @@ class Service:
         if app.cluster is None:
             raise BadRequest(f"application {application!r} runs locally (no 'cluster'): there is no job script")
         cluster = self.config.clusters[app.cluster]
-        return jobs.render_script(cluster, "00000000-0000-4000-8000-000000000000",
-                                  jobs.merged_resources(cluster, dict(app.resources)))
+        session_id, resources = "00000000-0000-4000-8000-000000000000", jobs.merged_resources(cluster, dict(app.resources))
+        text, template = jobs.render_script(cluster, session_id, resources)
+        body = jobs.render_body(cluster, session_id, resources)
+        if body is not None:  # a submit description: show the script it runs too
+            text += f"\n# ---- {jobs.job_files(cluster, session_id).body} ----\n{body}"
+        return text, template
 
     def mark_ready(self, session_id: str, token: str | None, host: Any, port: Any) -> dict[str, Any]:
         """The job's callback: only the holder of this session's token may set its host:port."""
@@ -340,6 +344,7 @@ class Service:
         cores = (resources.get("cpus") or 1) * (resources.get("nodes") or 1)
         walltime_s = limits.walltime_seconds(resources["time"]) if resources.get("time") else None
         script, _template = jobs.render_script(cluster, session_id, resources)
+        body = jobs.render_body(cluster, session_id, resources)
         files = jobs.job_files(cluster, session_id)
         record = self.store.create(
             guard=limits.guard(self.config.limits, requester.user, app.name, cores, walltime_s),
@@ -354,8 +359,9 @@ class Service:
                 cluster, session_id, script=script, argv=list(rendered.argv), env=env, ready_line=app.ready_line,
                 port=app.port, cwd=app.cwd, secret=secret, token=token,
                 callback_url=self.listening_url if cluster.callback_url == "auto" else cluster.callback_url,
-                owner=requester.user if cluster.submit_prefix else None,  # run as the user: files are theirs
-                idle_timeout_s=app.idle_timeout_s,
+                # run as the user (or the cluster's job account): the files are theirs
+                owner=requester.user if cluster.submit_prefix else cluster.job_user,
+                idle_timeout_s=app.idle_timeout_s, body=body,
             )
             job_id = adapter.submit(job_script)
         except (OSError, BatchError, CommandFailed) as exc:

@@ -156,7 +156,8 @@ class RecordingRunner(CommandRunner):
         super().__init__(attempts=1, **kwargs)
         self.calls: list[tuple[list[str], int | None]] = []
 
-    def _once(self, argv: list[str], stdin: str | None, check: bool, umask: int | None = None) -> Result:
+    def _once(self, argv: list[str], stdin: str | None, check: bool, umask: int | None = None,
+              cwd: str | None = None) -> Result:
         self.calls.append((argv, umask))
         return Result(0, "4242\n", "")
 

@@ -1,26 +1,26 @@
-"""SLURM end to end with real parts: `pvw-hpc serve`, the local SLURM cluster that
-`schedulers/slurm/up` starts, the wslink demo app run by real jobs, a private Apache
-started from `pvw-hpc apache-config`, and a real WebSocket client.
+"""What only SLURM does, end to end with real parts: `pvw-hpc serve`, the local SLURM cluster that
+`schedulers/slurm/up` starts, the wslink demo app run by real jobs, a real WebSocket client.
+
+The scenario every scheduler passes (through Apache, failure before ready, outside cancel,
+held job) is tests/test_batch_e2e.py; here: the marker line without callbacks, the queued
+503 and its cookie, 202, the callback token, restarts, a slurmctld outage, requeue, walltime,
+render, limits and idle sessions.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from websockets.exceptions import InvalidStatus
 
 from tests.conftest import (
-    ADMIN_HEADERS,
     DEMO_APP,
     SLURM_DEMO_APP,
     TEXT_PLAIN,
@@ -29,7 +29,6 @@ from tests.conftest import (
     slurm_reason,
     wait_for,
 )
-from tests.support.apache import ApacheInstance, skip_reason
 from tests.support.wslink_client import WslinkClient, connect_and_call
 
 PVW_HPC = str(Path(sys.executable).parent / "pvw-hpc")
@@ -60,67 +59,14 @@ def slurm_launcher(module_launcher: LauncherFactory) -> Launcher:
             "demo": DEMO,
             "marker-only": {**DEMO, "cluster": "slurm-nocb"},
             "missing": {**DEMO, "cmd": ["/nonexistent/pvw-hpc/app", "--port", "${port}"]},
-            "boom": {**DEMO, "cmd": ["${python_exec}", "-c", "import sys; print('boom: no data'); sys.exit(3)"]},
             "held": {**DEMO, "timeout": 2, "resources": {"extra_directives": ["--hold"]}},
         },
     )
 
 
-@pytest.fixture(scope="module")
-def apache(slurm_launcher: Launcher) -> Iterator[ApacheInstance]:
-    if skip_reason():
-        pytest.skip(str(skip_reason()))
-    probe = ApacheInstance(proxy_file=slurm_launcher.proxy_file)
-    listen = f"127.0.0.1:{probe.port}"
-    vhost = subprocess.run([PVW_HPC, "apache-config", "--config", str(slurm_launcher.config_path),
-                            "--listen", listen, "--server-name", "127.0.0.1"],
-                           capture_output=True, text=True, check=True).stdout
-    # the launcher was started with port 0: point ProxyPass at the port it got
-    vhost = vhost.replace("127.0.0.1:0/", f"127.0.0.1:{slurm_launcher.port}/")
-    probe.cleanup()
-    instance = ApacheInstance(proxy_file=slurm_launcher.proxy_file, port=int(listen.rsplit(":", 1)[1]), vhost=vhost)
-    with instance:
-        yield instance
-
-
 def launch_via(url: str, body: dict[str, Any], session: requests.Session | None = None) -> requests.Response:
     http = session or requests
     return http.post(url, data=json.dumps(body), headers={"Content-Type": TEXT_PLAIN}, timeout=60)
-
-
-def test_session_runs_as_a_slurm_job_behind_apache(slurm_launcher: Launcher, apache: ApacheInstance) -> None:
-    response = launch_via(f"{apache.url}/paraview/", {"application": "demo", "useUrl": True,
-                                                        "sessionManagerURL": f"{apache.url}/paraview/"})
-    assert response.status_code == 200, response.text
-    body = response.json()
-    session_id, secret = body["id"], body["secret"]
-    url = body["sessionURL"].replace("USE_HOST", f"127.0.0.1:{apache.port}")
-    result = connect_and_call(url, secret, [("demo.add", [2, 3]), ("demo.whoami", [])])
-    assert result["results"][0] == 5
-
-    info = slurm_launcher.get(session_id).json()
-    assert info["state"] == "ready" and info["cluster"] == "slurm"
-    assert {"submitted", "queued", "starting", "ready"} <= set(info["transitions"])
-    assert result["results"][1]["port"] == info["port"]
-    assert "secret" not in json.dumps(info)
-    job_id = info["job_id"]
-    assert squeue(job_id) == "RUNNING"
-    assert slurm_launcher.map_lines() == [f"{session_id} {info['host']}:{info['port']}"]
-
-    job_dir = slurm_launcher.root / "jobs" / "slurm" / session_id
-    assert stat.S_IMODE(job_dir.stat().st_mode) == 0o700
-    assert stat.S_IMODE((job_dir / "job.sh").stat().st_mode) == 0o700
-    for name in ("secret", "token", "spec.json"):
-        assert stat.S_IMODE((job_dir / name).stat().st_mode) == 0o600
-    assert secret not in (job_dir / "job.sh").read_text()  # the secret stays off the script and argv
-
-    deleted = requests.delete(f"{apache.url}/paraview/{session_id}", timeout=30, headers=ADMIN_HEADERS)
-    assert deleted.status_code == 200 and deleted.json()["state"] == "ended"
-    assert slurm_launcher.map_lines() == []
-    wait_for(lambda: squeue(job_id) in ("CANCELLED", "COMPLETED", ""), 20, "squeue to show the job cancelled")
-    with pytest.raises(InvalidStatus) as refused:
-        connect_and_call(url, secret, [("demo.add", [1, 1])])
-    assert refused.value.response.status_code == 400
 
 
 def test_marker_line_makes_it_ready_when_the_node_cannot_call_back(slurm_launcher: Launcher) -> None:
@@ -135,8 +81,8 @@ def test_marker_line_makes_it_ready_when_the_node_cannot_call_back(slurm_launche
     slurm_launcher.delete(body["id"])
 
 
-@pytest.mark.parametrize(("app", "needles"), [("missing", ["cannot start", "/nonexistent/pvw-hpc/app"]),
-                                               ("boom", ["exit code 3", "boom: no data"])])
+# the app that exits with an error is in tests/test_batch_e2e.py, for every scheduler
+@pytest.mark.parametrize(("app", "needles"), [("missing", ["cannot start", "/nonexistent/pvw-hpc/app"])])
 def test_job_failing_before_ready_is_503_with_the_log_tail(slurm_launcher: Launcher, app: str,
                                                           needles: list[str]) -> None:
     started = time.monotonic()
@@ -148,17 +94,6 @@ def test_job_failing_before_ready_is_503_with_the_log_tail(slurm_launcher: Launc
         assert needle in body["error"]
     assert time.monotonic() - started < 20  # at once, not after the 30 s timeout
     assert slurm_launcher.get(body["id"]).json()["state"] == "failed"
-
-
-def test_outside_scancel_ends_the_session_and_removes_its_route(slurm_launcher: Launcher) -> None:
-    body = slurm_launcher.post({"application": "demo"}).json()
-    info = slurm_launcher.get(body["id"]).json()
-    assert any(line.startswith(body["id"]) for line in slurm_launcher.map_lines())
-    subprocess.run(["scancel", info["job_id"]], check=True, timeout=30)
-    wait_for(lambda: slurm_launcher.state(body["id"]) == "ended", 20, "the session to end")
-    final = slurm_launcher.get(body["id"]).json()
-    assert "CANCELLED" in final["reason"]
-    assert not any(line.startswith(body["id"]) for line in slurm_launcher.map_lines())
 
 
 def test_queued_503_sets_a_cookie_and_the_retry_waits_for_the_same_job(slurm_launcher: Launcher) -> None:

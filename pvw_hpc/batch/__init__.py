@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 ADAPTERS: dict[tuple[str, str], str] = {
     ("slurm", "cli"): "pvw_hpc.batch.slurm:SlurmAdapter.from_cluster",
     ("slurm", "rest"): "pvw_hpc.batch.slurm_rest:SlurmRestAdapter.from_cluster",
+    ("pbs", "cli"): "pvw_hpc.batch.pbs:PbsAdapter.from_cluster",
+    ("htcondor", "bindings"): "pvw_hpc.batch.htcondor:HTCondorAdapter.from_cluster",
 }
 
 

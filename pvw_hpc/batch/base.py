@@ -76,6 +76,9 @@ class JobInfo:
     name: str | None = None  # the job name; ours carry the session id
     workdir: str | None = None
     raw: Any = None
+    # the scheduler keeps the job although it will never run on its own (an HTCondor hold that failed
+    # the session): the poller removes it once the session has ended
+    stuck: bool = False
 
 
 class BatchError(Exception):

@@ -57,8 +57,9 @@ class CommandRunner:
     env: Mapping[str, str] | None = None
 
     def run(self, argv: Sequence[str], *, stdin: str | None = None, check: bool = True,
-            attempts: int | None = None, prefix: Sequence[str] = (), umask: int | None = None) -> Result:
-        """Run ``[*prefix, *argv]`` (``argv[0]`` through ``bin_overrides``); ``umask`` for the child only."""
+            attempts: int | None = None, prefix: Sequence[str] = (), umask: int | None = None,
+            cwd: str | None = None) -> Result:
+        """Run ``[*prefix, *argv]`` (``argv[0]`` through ``bin_overrides``); ``umask`` and ``cwd`` for the child only."""
         argv = [*prefix, self.bin_overrides.get(argv[0], argv[0]), *argv[1:]]
         retrying = Retrying(
             stop=stop_after_attempt(attempts or self.attempts),
@@ -68,15 +69,16 @@ class CommandRunner:
         )
         for attempt in retrying:
             with attempt:
-                return self._once(argv, stdin, check, umask)
+                return self._once(argv, stdin, check, umask, cwd)
         raise AssertionError("unreachable")
 
-    def _once(self, argv: list[str], stdin: str | None, check: bool, umask: int | None = None) -> Result:
+    def _once(self, argv: list[str], stdin: str | None, check: bool, umask: int | None = None,
+              cwd: str | None = None) -> Result:
         try:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, text=True, env=None if self.env is None else dict(self.env),
-                start_new_session=True, umask=-1 if umask is None else umask,
+                start_new_session=True, umask=-1 if umask is None else umask, cwd=cwd,
             )
         except OSError as exc:
             raise CommandFailed(argv, None, "", "", f"cannot run: {exc}") from None
