@@ -16,6 +16,7 @@ in the launcher's SQLite file), then checks that none is left.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -38,6 +39,7 @@ import requests
 from pvw_hpc import jsonc
 from pvw_hpc.auth import hash_token
 from tests.support import netns
+from tests.support.apache import ApacheInstance
 from tests.support.netns import Hosts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -534,6 +536,29 @@ def example_vhost(name: str, replace: dict[str, str]) -> str:
     for old, new in replace.items():
         text = text.replace(old, new)
     return text
+
+
+@contextlib.contextmanager
+def shared_folder(prefix: str = "pvw-shared-") -> Iterator[Path]:
+    """The seed's "shared network drive" on one machine: a 0755 folder under /tmp (Apache's www-data reads it)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def apache_on_host1(hosts: Hosts, vhost_example: str, replace: dict[str, str], shared: Path,
+                    port: int = 80) -> Iterator[ApacheInstance]:
+    """A shipped example vhost run by Apache on host1, reading the map file in ``shared``; stopped afterwards."""
+    apache = ApacheInstance(proxy_file=shared / "proxy.txt", port=port, vhost=example_vhost(vhost_example, replace),
+                            listen_host=hosts.address(1), command_prefix=hosts.argv(1, []))
+    try:
+        yield apache.start()
+    finally:
+        apache.cleanup()
 
 
 def ws_roundtrip_on(hosts: Hosts, host: int, url: str, secret: str) -> dict[str, Any]:

@@ -11,16 +11,22 @@ from host4 as a browser elsewhere on the network would.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
 
-from tests.conftest import DEMO_APP, TEXT_PLAIN, Launcher, LauncherFactory, example_vhost, wait_for, ws_roundtrip_on
+from tests.conftest import (
+    DEMO_APP,
+    TEXT_PLAIN,
+    Launcher,
+    LauncherFactory,
+    apache_on_host1,
+    shared_folder,
+    wait_for,
+    ws_roundtrip_on,
+)
 from tests.support.apache import ApacheInstance
 from tests.support.apache import skip_reason as apache_skip_reason
 from tests.support.netns import Hosts
@@ -32,23 +38,17 @@ pytestmark = [pytest.mark.netns, pytest.mark.apache,
 @pytest.fixture(scope="module")
 def layout1(netns_hosts: Hosts, module_launcher: LauncherFactory) -> Iterator[tuple[Launcher, ApacheInstance]]:
     hosts = netns_hosts
-    shared = Path(tempfile.mkdtemp(prefix="pvw-one-", dir="/tmp"))
-    shared.chmod(0o755)
-    replace = {"host1.example.com": hosts.address(1), "/var/lib/pvw-hpc": str(shared),
-               "*:80": f"{hosts.address(1)}:80"}
-    lau = module_launcher.from_example("one-machine/launcher.json", replace,
-                                       properties={"demo_python": sys.executable, "demo_app": str(DEMO_APP)},
-                                       command_prefix=hosts.argv(1, []))
-    apache = ApacheInstance(proxy_file=shared / "proxy.txt", port=80,
-                            vhost=example_vhost("one-machine/apache-vhost.conf", replace),
-                            listen_host=hosts.address(1), command_prefix=hosts.argv(1, []))
-    try:
-        apache.start()
-        yield lau, apache
-    finally:
-        apache.cleanup()
-        module_launcher.cleanup()
-        shutil.rmtree(shared, ignore_errors=True)
+    with shared_folder("pvw-one-") as shared:
+        replace = {"host1.example.com": hosts.address(1), "/var/lib/pvw-hpc": str(shared),
+                   "*:80": f"{hosts.address(1)}:80"}
+        lau = module_launcher.from_example("one-machine/launcher.json", replace,
+                                           properties={"demo_python": sys.executable, "demo_app": str(DEMO_APP)},
+                                           command_prefix=hosts.argv(1, []))
+        try:
+            with apache_on_host1(hosts, "one-machine/apache-vhost.conf", replace, shared) as apache:
+                yield lau, apache
+        finally:
+            module_launcher.cleanup()
 
 
 def test_the_one_machine_example_serves_a_browser_on_another_host(layout1: tuple[Launcher, ApacheInstance],

@@ -11,16 +11,22 @@ names host1, and the WebSocket client runs on host1.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
 
-from tests.conftest import DEMO_APP, TEXT_PLAIN, Launcher, LauncherFactory, example_vhost, wait_for, ws_roundtrip_on
+from tests.conftest import (
+    DEMO_APP,
+    TEXT_PLAIN,
+    Launcher,
+    LauncherFactory,
+    apache_on_host1,
+    shared_folder,
+    wait_for,
+    ws_roundtrip_on,
+)
 from tests.support.apache import ApacheInstance
 from tests.support.apache import skip_reason as apache_skip_reason
 from tests.support.netns import Hosts
@@ -36,23 +42,17 @@ LAUNCHER_PORT = 8080
 def layout2(netns_hosts: Hosts, module_launcher: LauncherFactory) -> Iterator[tuple[Launcher, ApacheInstance]]:
     """``examples/two-machines`` as shipped: only host names and the shared folder are this machine's."""
     hosts = netns_hosts
-    shared = Path(tempfile.mkdtemp(prefix="pvw-shared-", dir="/tmp"))
-    shared.chmod(0o755)  # Apache's www-data children read the map file
-    replace = {"host1.example.com": hosts.address(1), "host2.example.com": hosts.address(2),
-               "/shared/pvw-hpc": str(shared), "*:80": f"{hosts.address(1)}:{APACHE_PORT}"}
-    lau = module_launcher.from_example("two-machines/launcher.json", replace,
-                                       properties={"demo_python": sys.executable, "demo_app": str(DEMO_APP)},
-                                       command_prefix=hosts.argv(2, []))
-    apache = ApacheInstance(proxy_file=shared / "proxy.txt", port=APACHE_PORT,
-                            vhost=example_vhost("two-machines/apache-vhost.conf", replace),
-                            listen_host=hosts.address(1), command_prefix=hosts.argv(1, []))
-    try:
-        apache.start()
-        yield lau, apache
-    finally:
-        apache.cleanup()
-        module_launcher.cleanup()
-        shutil.rmtree(shared, ignore_errors=True)
+    with shared_folder() as shared:
+        replace = {"host1.example.com": hosts.address(1), "host2.example.com": hosts.address(2),
+                   "/shared/pvw-hpc": str(shared), "*:80": f"{hosts.address(1)}:{APACHE_PORT}"}
+        lau = module_launcher.from_example("two-machines/launcher.json", replace,
+                                           properties={"demo_python": sys.executable, "demo_app": str(DEMO_APP)},
+                                           command_prefix=hosts.argv(2, []))
+        try:
+            with apache_on_host1(hosts, "two-machines/apache-vhost.conf", replace, shared, APACHE_PORT) as apache:
+                yield lau, apache
+        finally:
+            module_launcher.cleanup()
 
 
 def test_launcher_on_host2_serves_sessions_that_a_client_on_host1_reaches_through_apache(

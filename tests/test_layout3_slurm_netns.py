@@ -11,13 +11,10 @@ late and partial view of it.
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,7 +26,8 @@ from tests.conftest import (
     TEXT_PLAIN,
     Launcher,
     LauncherFactory,
-    example_vhost,
+    apache_on_host1,
+    shared_folder,
     wait_for,
     ws_roundtrip_on,
 )
@@ -103,31 +101,23 @@ class Layout:
 @pytest.fixture(scope="module")
 def layout(netns_hosts: Hosts, module_launcher: LauncherFactory) -> Iterator[Layout]:
     hosts = netns_hosts
-    shared = Path(tempfile.mkdtemp(prefix="pvw-shared-", dir="/tmp"))
-    shared.chmod(0o755)
-    slurm = NetnsSlurm(hosts, shared / "slurm")
-    apache = None
-    try:
-        slurm.up()
-        replace = {**{f"host{n}.example.com": hosts.address(n) for n in (1, 2, 3, 4)},
-                   "/shared/pvw-hpc": str(shared), "*:80": f"{hosts.address(1)}:{APACHE_PORT}"}
-        lau = module_launcher.from_example(
-            "many-machines/launcher-slurm.json", replace,
-            properties={"demo_python": sys.executable, "demo_app": str(DEMO_APP)},
-            command_prefix=hosts.argv(2, []), extra_env={"SLURM_CONF": str(slurm.conf)}, adjust=adjust)
-        apache = ApacheInstance(proxy_file=shared / "proxy.txt", port=APACHE_PORT,
-                                vhost=example_vhost("many-machines/apache-vhost.conf", replace),
-                                listen_host=hosts.address(1), command_prefix=hosts.argv(1, []))
-        apache.start()
-        yield Layout(hosts, slurm, lau, apache)
-    finally:
-        for node in netns_slurm.NODES:
-            hosts.set_link(node, True)
-        if apache is not None:
-            apache.cleanup()
-        module_launcher.cleanup()  # its scancel reaches this cluster through the launcher's SLURM_CONF
-        slurm.down()
-        shutil.rmtree(shared, ignore_errors=True)
+    with shared_folder() as shared:
+        slurm = NetnsSlurm(hosts, shared / "slurm")
+        try:
+            slurm.up()
+            replace = {**{f"host{n}.example.com": hosts.address(n) for n in (1, 2, 3, 4)},
+                       "/shared/pvw-hpc": str(shared), "*:80": f"{hosts.address(1)}:{APACHE_PORT}"}
+            lau = module_launcher.from_example(
+                "many-machines/launcher-slurm.json", replace,
+                properties={"demo_python": sys.executable, "demo_app": str(DEMO_APP)},
+                command_prefix=hosts.argv(2, []), extra_env={"SLURM_CONF": str(slurm.conf)}, adjust=adjust)
+            with apache_on_host1(hosts, "many-machines/apache-vhost.conf", replace, shared, APACHE_PORT) as apache:
+                yield Layout(hosts, slurm, lau, apache)
+        finally:
+            for node in netns_slurm.NODES:
+                hosts.set_link(node, True)
+            module_launcher.cleanup()  # its scancel reaches this cluster through the launcher's SLURM_CONF
+            slurm.down()
 
 
 def test_sessions_land_on_both_nodes_and_are_reached_on_their_node_through_apache(layout: Layout) -> None:

@@ -13,11 +13,9 @@ the remote host, not just the local ssh.
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,17 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import DEMO_APP, REPO_ROOT, TEXT_PLAIN, Launcher, LauncherFactory, example_vhost, wait_for, ws_roundtrip_on
+from tests.conftest import (
+    DEMO_APP,
+    REPO_ROOT,
+    TEXT_PLAIN,
+    Launcher,
+    LauncherFactory,
+    apache_on_host1,
+    shared_folder,
+    wait_for,
+    ws_roundtrip_on,
+)
 from tests.support import netns_ssh
 from tests.support.apache import ApacheInstance
 from tests.support.apache import skip_reason as apache_skip_reason
@@ -47,29 +55,18 @@ PORTS_PER_HOST = (9001, 9002, 9003)  # the example's port_range
 def layout(netns_hosts: Hosts, module_launcher: LauncherFactory) -> Iterator[tuple[Launcher, ApacheInstance]]:
     """``examples/many-machines`` as shipped: host names, user, shared folder and paths are this machine's."""
     hosts = netns_hosts
-    shared = Path(tempfile.mkdtemp(prefix="pvw-shared-", dir="/tmp"))
-    shared.chmod(0o755)
-    ssh = SshHosts(hosts, shared / "ssh", on=(3, 4))
-    apache = None
-    replace = {**{f"host{n}.example.com": hosts.address(n) for n in (1, 2, 3, 4)}, "pvw-user": ssh.user,
-               "/shared/pvw-hpc": str(shared), "*:80": f"{hosts.address(1)}:{APACHE_PORT}"}
-    try:
-        ssh.start()
+    with shared_folder() as shared, SshHosts(hosts, shared / "ssh", on=(3, 4)) as ssh:
+        replace = {**{f"host{n}.example.com": hosts.address(n) for n in (1, 2, 3, 4)}, "pvw-user": ssh.user,
+                   "/shared/pvw-hpc": str(shared), "*:80": f"{hosts.address(1)}:{APACHE_PORT}"}
         lau = module_launcher.from_example(
             "many-machines/launcher.json", replace,
             properties={"custom_script": str(CUSTOM_SCRIPT), "demo_python": sys.executable, "demo_app": str(DEMO_APP)},
             command_prefix=hosts.argv(2, []), extra_env={"PVW_SSH_CONFIG": str(ssh.client_config)})
-        apache = ApacheInstance(proxy_file=shared / "proxy.txt", port=APACHE_PORT,
-                                vhost=example_vhost("many-machines/apache-vhost.conf", replace),
-                                listen_host=hosts.address(1), command_prefix=hosts.argv(1, []))
-        apache.start()
-        yield lau, apache
-    finally:
-        if apache is not None:
-            apache.cleanup()
-        module_launcher.cleanup()
-        ssh.stop()
-        shutil.rmtree(shared, ignore_errors=True)
+        try:
+            with apache_on_host1(hosts, "many-machines/apache-vhost.conf", replace, shared, APACHE_PORT) as apache:
+                yield lau, apache
+        finally:
+            module_launcher.cleanup()  # before the sshd stop: DELETE-free teardown still ends remote apps
 
 
 def _listening(address: str, port: int) -> bool:

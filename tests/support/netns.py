@@ -211,7 +211,7 @@ class Hosts:
             for ns in namespaces:
                 out = _run(["ip", "netns", "pids", ns], check=False).stdout
                 found.update(int(p) for p in out.split() if p.isdigit())
-            return {p for p in found if _alive(p)}
+            return {p for p in found if alive(p)}
 
         for sig, wait_s in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
             for pid in pids():
@@ -222,7 +222,7 @@ class Hosts:
                 time.sleep(0.05)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """True unless the process is gone or a zombie (PID 1 here reaps lazily)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
