@@ -160,3 +160,23 @@ def test_a_held_job(scheduler: str, batch: Launcher) -> None:
         assert batch.delete(body["id"], headers=ADMIN_HEADERS).status_code == 200
         wait_for(lambda: not backend.job_running(job_id, queued_too=True), 30, "the held job to be removed")
     assert batch.state(body["id"]) in ("ended", "failed")
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_a_launcher_killed_and_restarted_keeps_following_its_jobs(scheduler: str, batch: Launcher) -> None:
+    """After kill -9 the new process finds the job again (SLURM/PBS by id; HTCondor asks the schedd where
+    the job's event log is) and still notices when it ends.
+
+    Last in this file on purpose: the restarted launcher listens on a new port (the config says 0), which
+    the module's Apache does not know.
+    """
+    backend = backend_of(scheduler)
+    body = batch.post({"application": f"demo-{scheduler}"}).json()
+    job_id = batch.get(body["id"], headers=ADMIN_HEADERS).json()["job_id"]
+    batch.kill9()
+    batch.start()
+    assert batch.state(body["id"]) == "ready"
+    assert any(line.startswith(body["id"]) for line in batch.map_lines())
+    backend.cancel_outside(job_id)
+    wait_for(lambda: batch.state(body["id"]) == "ended", 45, "the restarted launcher to see the job end")
+    assert not any(line.startswith(body["id"]) for line in batch.map_lines())
