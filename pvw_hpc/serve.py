@@ -19,6 +19,7 @@ from types import FrameType
 import waitress
 
 from .api import create_app
+from .api.fast_get import FastSessionGet
 from .config import LauncherConfig
 from .housekeeping import Housekeeper
 from .poller import Poller
@@ -53,7 +54,7 @@ def serve(config: LauncherConfig) -> None:
     poller.start()
     housekeeper = Housekeeper(service)
     housekeeper.start()
-    app = create_app(service=service)
+    app = FastSessionGet(create_app(service=service), service)  # session reads skip Flask (see fast_get.py)
     server = waitress.create_server(app, host=config.host, port=config.port, threads=config.threads,
                                     ident="pvw-hpc", channel_timeout=300,
                                     connection_limit=config.threads + 100)  # a burst of blocking POSTs fits

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -228,12 +229,46 @@ def _record(row: Any) -> SessionRecord:
     return SessionRecord(**data)
 
 
+# -- the hot read on SQLite, without SQLAlchemy's statement machinery -------------------------
+
+_SQLITE_GET_ONE = f"SELECT {', '.join(_COLUMNS)} FROM sessions WHERE id = ?"
+
+
+def _sqlite_datetime(value: str | None) -> dt.datetime | None:
+    """SQLAlchemy's SQLite DateTime text (``YYYY-MM-DD HH:MM:SS[.ffffff]``, UTC) as an aware datetime."""
+    return dt.datetime.fromisoformat(value).replace(tzinfo=dt.timezone.utc) if value is not None else None
+
+
+def _converter(column: Column[Any]) -> Callable[[Any], Any] | None:
+    """How a raw SQLite value of ``column`` becomes what SQLAlchemy would have returned (None: as is)."""
+    if column.name == "state":
+        return SessionState
+    if isinstance(column.type, JSON):
+        return lambda v: json.loads(v) if v is not None else None
+    if isinstance(column.type, Boolean):
+        return lambda v: bool(v) if v is not None else None
+    if isinstance(column.type, UTCDateTime):
+        return _sqlite_datetime
+    return None
+
+
+_SQLITE_CONVERTERS = [(i, conv) for i, c in enumerate(sessions.columns) if (conv := _converter(c)) is not None]
+
+
+def _record_from_sqlite(row: tuple[Any, ...]) -> SessionRecord:
+    values = list(row)
+    for index, convert in _SQLITE_CONVERTERS:
+        values[index] = convert(values[index])
+    return SessionRecord(**dict(zip(_COLUMNS, values, strict=True)))
+
+
 class Store:
     """All reads and writes of session rows."""
 
     def __init__(self, url: str, pool_size: int = 5):
         self.url = url
         self.engine = make_engine(url, pool_size)
+        self._sqlite = self.engine.dialect.name == "sqlite"
         metadata.create_all(self.engine)
         self._add_missing_columns()
 
@@ -275,9 +310,30 @@ class Store:
         return record
 
     def get(self, session_id: str) -> SessionRecord | None:
+        """One session by id: the hot path of every GET (see :meth:`_get_sqlite`)."""
+        if self._sqlite:
+            return self._get_sqlite(session_id)
         with self.engine.connect() as conn:
             row = conn.execute(_GET_ONE, {"session_id": session_id}).first()
         return _record(row) if row is not None else None
+
+    def _get_sqlite(self, session_id: str) -> SessionRecord | None:
+        """The same read on the pool's own DBAPI connection: one SELECT, no BEGIN, no statement compiling.
+
+        A single SELECT in autocommit mode reads one consistent snapshot; at the GET
+        rates portals reach this is most of a session read's cost saved. Values are
+        converted as SQLAlchemy's column types would (``tests/test_store.py`` compares both).
+        """
+        conn = self.engine.raw_connection()
+        try:
+            cursor = conn.cursor()
+            try:
+                row = cursor.execute(_SQLITE_GET_ONE, (session_id,)).fetchone()
+            finally:
+                cursor.close()
+        finally:
+            conn.close()  # back to the pool
+        return _record_from_sqlite(row) if row is not None else None
 
     def count_active(self) -> dict[str, int]:
         """State -> number of active sessions, counted by the database (``/health`` stays cheap)."""

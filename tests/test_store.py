@@ -101,3 +101,26 @@ def test_a_final_session_releases_its_port(tmp_path: Path) -> None:
     store.transition(sid, S.FAILED, error="x")
     assert store.held_ports("127.0.0.1") == set()
     new_row(store, port=9010)
+
+
+def test_the_fast_sqlite_read_returns_what_sqlalchemy_returns(tmp_path: Path) -> None:
+    """GET reads SQLite without SQLAlchemy's statement layer; every column must come back the same."""
+    import datetime as dt
+
+    from pvw_hpc.store import _GET_ONE, _record
+
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    plain = new_row(store)
+    full = new_row(store, port=9002, return_secret=True, log_path="/tmp/log", pid=42, pid_start=123456789012,
+                   job_id="12.server", owner="alice", creator="portal", creator_hash="h" * 64, cores=4,
+                   job_dir="/jobs/x", token_hash="t" * 64, attach_hash="a" * 64)
+    store.update(full, argv=["a", "b c", "é"], public={"x": [1, 2], "y": None}, native_state="RUNNING",
+                 scheduler_reason="None", exit_code=3, error="e\nf",
+                 start_estimate=dt.datetime(2026, 11, 26, 17, 0, 1, 5, tzinfo=dt.timezone.utc))
+    store.transition(full, SessionState.STARTING)
+    store.transition(full, SessionState.READY, host="node7", port=40000)
+    for session_id in (plain, full):
+        with store.engine.connect() as conn:
+            expected = _record(conn.execute(_GET_ONE, {"session_id": session_id}).first())
+        assert store.get(session_id) == expected
+    assert store.get(str(uuid.uuid4())) is None
