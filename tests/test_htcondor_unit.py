@@ -124,3 +124,10 @@ def test_a_control_character_never_reaches_a_submit_description(tmp_path: Path) 
                               lambda p, m: errors.append(p), lambda p, m: None)
     assert errors == ["$.clusters.c.defaults.extra_directives"]  # refused where the config is read
     assert "c" not in clusters
+
+
+def test_logs_of_jobs_no_longer_polled_are_closed_and_forgotten(tmp_path: Path) -> None:
+    adapter, state = follow("normal-exit3.log", tmp_path)
+    adapter._follows[JobId("8.0")] = state
+    adapter._forget({JobId("8.0")})
+    assert adapter._follows == {}

@@ -140,7 +140,15 @@ class HTCondorAdapter:
                     out[job_id] = self._info(job_id, follow)
             if silent:
                 out.update(self._query(silent))
+            self._forget(set(self._follows) - set(job_ids))
             return out
+
+    def _forget(self, job_ids: set[JobId]) -> None:
+        """Close the event logs of jobs the poller no longer asks about (their sessions are over)."""
+        for job_id in job_ids:
+            follow = self._follows.pop(job_id)
+            if follow.log is not None:
+                follow.log.close()
 
     def history(self, job_ids: Collection[JobId]) -> dict[JobId, JobInfo]:
         if not job_ids:
