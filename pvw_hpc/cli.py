@@ -9,6 +9,7 @@ Exit codes (also in the README):
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from typing import Any
@@ -297,6 +298,7 @@ def submit(application: str, sets: tuple[str, ...], timeout: float | None, keep:
             sys.exit(EXIT_FAILED)
         if keep:
             return
+        previous = signal.signal(signal.SIGTERM, _interrupt)  # a kill (or `timeout`) stops it as Ctrl-C does
         try:
             if not as_json:
                 click.echo("running; Ctrl-C stops the session (use --keep to leave it running)")
@@ -305,7 +307,12 @@ def submit(application: str, sets: tuple[str, ...], timeout: float | None, keep:
         except KeyboardInterrupt:
             pass
         finally:
+            signal.signal(signal.SIGTERM, previous)
             client.stop(session_id)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _default_wait(client: LauncherClient, body: dict[str, Any]) -> float:

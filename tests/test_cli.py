@@ -92,7 +92,8 @@ def test_submit_json_reports_the_failure_with_exit_code_3(config: Path) -> None:
     assert "code 4" in body["error"] and "no data dir" in body["error"]
 
 
-def test_submit_without_keep_stops_the_session_on_ctrl_c(config: Path) -> None:
+@pytest.mark.parametrize("signum", [2, 15], ids=["ctrl-c", "sigterm"])
+def test_submit_without_keep_stops_the_session_on_ctrl_c_or_a_kill(config: Path, signum: int) -> None:
     proc = subprocess.Popen([PVW_HPC, "submit", "demo"], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PVW_HPC_CONFIG": str(config)})
     assert proc.stdout is not None
@@ -101,7 +102,7 @@ def test_submit_without_keep_stops_the_session_on_ctrl_c(config: Path) -> None:
             break
     listed = json.loads(run("list", "--json", config=config).stdout)
     assert [s["state"] for s in listed] == ["ready"]
-    proc.send_signal(2)  # SIGINT, as Ctrl-C
+    proc.send_signal(signum)  # SIGINT as Ctrl-C, SIGTERM as kill or `timeout`
     assert proc.wait(timeout=20) == 0
     listed = json.loads(run("list", "--json", config=config).stdout)
     assert [s["state"] for s in listed] == ["ended"]

@@ -150,7 +150,8 @@ def test_check_cli_exit_codes_and_env_variable(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["examples/local/launcher.json", "examples/one-machine/launcher.json",
                                   "examples/two-machines/launcher.json", "examples/many-machines/launcher.json",
-                                  "examples/many-machines/launcher-slurm.json", "examples/slurm/launcher.json"])
+                                  "examples/many-machines/launcher-slurm.json", "examples/slurm/launcher.json",
+                                  "examples/pbs/launcher.json", "examples/htcondor/launcher.json"])
 def test_shipped_examples_pass_check(name: str) -> None:
     config, problems = check_file(REPO / name)
     assert config is not None, [str(p) for p in problems]
