@@ -188,10 +188,11 @@ def check_clusters(raw: Any, report_error: Report, warn: Report) -> dict[str, Cl
                 error(f"{path}.{key}", "must be a positive number of seconds")
                 value = default
             timings[key] = float(value)
-        for key, default in (("probe_every_s", 10.0), ("unreachable_after_s", 60.0)):
+        for key, default, least in (("probe_every_s", 10.0, 0.0), ("unreachable_after_s", 60.0, 1.0)):
             value = c.get(key, default)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                error(f"{path}.{key}", "must be a number of seconds >= 0" + (" (0: never probe)" if key[0] == "p" else ""))
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < least:
+                error(f"{path}.{key}", "must be a number of seconds >= 0 (0: never probe)" if least == 0
+                      else "must be a number of seconds >= 1 (one slow connect is not an outage)")
                 value = default
             timings[key] = float(value)
         commands = c.get("commands", {})
@@ -217,6 +218,10 @@ def check_clusters(raw: Any, report_error: Report, warn: Report) -> dict[str, Cl
         job_user = c.get("job_user")
         if job_user is not None and not is_valid_user(job_user):
             error(f"{path}.job_user", "must be a user name (lowercase letters, digits, _ and -; not root)")
+        elif job_user is not None and not (scheduler == "htcondor" or access == "rest"):
+            # elsewhere the launcher itself submits: a job_user would only own the files, not run the job
+            error(f"{path}.job_user", "only for clusters whose jobs run as the identity the launcher authenticates "
+                                      "as (htcondor, slurm access 'rest'); use submit_prefix to run as the requester")
         if job_user is not None and c.get("submit_prefix"):
             error(f"{path}.job_user", "jobs run either as the requesting user (submit_prefix) or as job_user")
         defaults = check_resources(c.get("defaults"), f"{path}.defaults", error)
@@ -229,6 +234,9 @@ def check_clusters(raw: Any, report_error: Report, warn: Report) -> dict[str, Cl
             requeue=requeue, defaults=defaults, commands=dict(commands), rest=rest, submit_prefix=submit_prefix,
             flavor=flavor, job_user=job_user, **condor, **timings,
         )
+    configs = {c.condor_config for c in clusters.values() if c.scheduler == "htcondor"}
+    if len(configs) > 1:  # CONDOR_CONFIG is one per process: two pools would read each other's
+        error("$.clusters", "all HTCondor clusters must use the same condor_config (the bindings read one per process)")
     return clusters
 
 

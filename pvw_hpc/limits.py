@@ -27,7 +27,10 @@ _TIME = re.compile(r"^(?:(\d+)-)?(\d{1,4})(?::(\d{1,2}))?(?::(\d{1,2}))?\Z")
 
 
 def walltime_seconds(value: Any) -> int | None:
-    """A Slurm-style time (minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]) in seconds; None if it is not one."""
+    """A Slurm-style time (minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]) in seconds; None if it is not one.
+
+    Zero is not a walltime: SLURM reads ``--time=0`` as "no limit", which would slip past ``max_walltime``.
+    """
     if isinstance(value, int) and not isinstance(value, bool):
         return value * 60 if value > 0 else None
     if not isinstance(value, str):
@@ -35,7 +38,11 @@ def walltime_seconds(value: Any) -> int | None:
     match = _TIME.match(value)
     if not match:
         return None
-    days, a, b, c = match.groups()
+    seconds = _seconds(*match.groups())
+    return seconds if seconds > 0 else None
+
+
+def _seconds(days: str | None, a: str, b: str | None, c: str | None) -> int:
     if days is not None:  # D-HH[:MM[:SS]]
         return int(days) * 86400 + int(a) * 3600 + int(b or 0) * 60 + int(c or 0)
     if c is not None:  # HH:MM:SS

@@ -165,7 +165,7 @@ class Poller:
                 intervals.append(cluster.poll_fast_s if name in self.service.unreachable else cluster.poll_slow_s)
                 continue
             ok, why, busy = self._poll_cluster(name, jobs)
-            if cluster.probe_every_s:
+            if cluster.probe_every_s and ok:  # while the scheduler does not answer, nothing is judged
                 self._probe_ready(name, cluster.probe_every_s, cluster.unreachable_after_s)
                 intervals.append(cluster.probe_every_s)
             if ok:
@@ -228,12 +228,17 @@ class Poller:
         ready = [j for j in self.store.tracked(cluster) if j.state == SessionState.READY and j.host and j.port]
 
         answers = reachable([(j.host or "", j.port or 0) for j in ready], timeout_s=PROBE_TIMEOUT_S)
+        if len({j.host for j in ready}) > 1 and not any(answers.values()):
+            # every app on every node silent at once: the launcher's own network, not the apps
+            log.warning("cluster %s: none of %d ready apps answers; not judging them this time", cluster, len(ready))
+            return
         for job in ready:
-            if answers[(job.host or "", job.port or 0)]:
+            answer = answers[(job.host or "", job.port or 0)]
+            if answer:
                 reach.answered.add(job.id)
                 reach.silent_since.pop(job.id, None)
                 continue
-            if job.id not in reach.answered:
+            if answer is None or job.id not in reach.answered:
                 continue
             since = reach.silent_since.setdefault(job.id, now)
             if since == now:

@@ -13,6 +13,7 @@ side, so a cycle costs one deadline however many sessions are ready.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import selectors
 import socket
 import time
@@ -22,17 +23,30 @@ Address = tuple[str, int]
 _BATCH = 256  # sockets open at once: well below any descriptor limit
 
 
-def reachable(addresses: Iterable[Address], timeout_s: float = 1.0) -> dict[Address, bool]:
-    """Connect to every address at once; True for those that accepted within ``timeout_s``."""
+def reachable(addresses: Iterable[Address], timeout_s: float = 1.0) -> dict[Address, bool | None]:
+    """Connect to every address at once: True for those that accepted within ``timeout_s``, False for the rest.
+
+    Only IP addresses are probed; a host name gives None ("cannot tell"), because
+    resolving it would block the poller on DNS for as long as DNS likes.
+    """
     pending = list(dict.fromkeys(addresses))
-    result: dict[Address, bool] = {}
-    for start in range(0, len(pending), _BATCH):
-        result.update(_probe_batch(pending[start:start + _BATCH], timeout_s))
+    result: dict[Address, bool | None] = {a: None for a in pending if not _is_ip(a[0])}
+    literal = [a for a in pending if a not in result]
+    for start in range(0, len(literal), _BATCH):
+        result.update(_probe_batch(literal[start:start + _BATCH], timeout_s))
     return result
 
 
-def _probe_batch(addresses: list[Address], timeout_s: float) -> dict[Address, bool]:
-    result = dict.fromkeys(addresses, False)
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _probe_batch(addresses: list[Address], timeout_s: float) -> dict[Address, bool | None]:
+    result: dict[Address, bool | None] = dict.fromkeys(addresses, False)
     with selectors.DefaultSelector() as selector:
         for address in addresses:
             try:
@@ -43,7 +57,7 @@ def _probe_batch(addresses: list[Address], timeout_s: float) -> dict[Address, bo
             sock.setblocking(False)
             try:
                 code = sock.connect_ex(address)
-            except OSError:  # a name that does not resolve (node_address hostname/fqdn): not reachable
+            except OSError:
                 sock.close()
                 continue
             if code == 0:

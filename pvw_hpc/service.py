@@ -226,10 +226,10 @@ class Service:
         return session_view(self._get(session_id))
 
     def get(self, session_id: str, identity: Identity = LOCAL_ADMIN, secret: str | None = None) -> dict[str, Any]:
-        record = self._get(session_id)
-        self._authorize(record, identity, secret, stop=False)
         if self.map.pending():  # the map agrees with the state we answer: a route for "ready", none after it
             self.map.wait_pending()
+        record = self._get(session_id)
+        self._authorize(record, identity, secret, stop=False)
         return self.view(record)
 
     def view(self, record: SessionRecord) -> dict[str, Any]:

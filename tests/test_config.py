@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -155,3 +156,24 @@ def test_check_cli_exit_codes_and_env_variable(tmp_path: Path) -> None:
 def test_shipped_examples_pass_check(name: str) -> None:
     config, problems = check_file(REPO / name)
     assert config is not None, [str(p) for p in problems]
+
+
+@pytest.mark.parametrize("clusters, path", [
+    ({"s": {"scheduler": "slurm", "job_dir": "/j", "job_user": "alice"}}, "$.clusters.s.job_user"),
+    ({"s": {"scheduler": "slurm", "job_dir": "/j", "unreachable_after_s": 0}}, "$.clusters.s.unreachable_after_s"),
+    ({"a": {"scheduler": "htcondor", "job_dir": "/j", "condor_config": "/etc/a"},
+      "b": {"scheduler": "htcondor", "job_dir": "/k", "condor_config": "/etc/b"}}, "$.clusters"),
+])
+def test_cluster_settings_that_cannot_work_are_refused(clusters: dict[str, Any], path: str) -> None:
+    from pvw_hpc.clusters import check_clusters
+
+    errors: list[str] = []
+    check_clusters(clusters, lambda p, m: errors.append(p), lambda p, m: None)
+    assert path in errors, errors
+
+
+def test_a_zero_walltime_is_no_walltime() -> None:
+    from pvw_hpc.limits import walltime_seconds
+
+    assert walltime_seconds("0") is None and walltime_seconds("00:00:00") is None and walltime_seconds(0) is None
+    assert walltime_seconds("0-1") == 3600 and walltime_seconds(5) == 300

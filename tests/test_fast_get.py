@@ -86,3 +86,13 @@ def test_everything_else_goes_to_flask(clients: tuple[Client, Client, str, str])
         expected = flask_client.open(path, method=method, headers={"Authorization": f"Bearer {ADMIN}"})
         got = fast_client.open(path, method=method, headers={"Authorization": f"Bearer {ADMIN}"})
         assert (got.status_code, got.get_json()) == (expected.status_code, expected.get_json()), (method, path)
+
+
+def test_an_odd_cookie_of_another_site_does_not_hide_the_creator_cookie() -> None:
+    from werkzeug.wrappers import Request
+
+    from pvw_hpc.api.fast_get import _cookies
+
+    environ = {"HTTP_COOKIE": "a=b c; x@y=1; pvw_hpc_creator=cookie-1"}
+    assert _cookies(environ)["pvw_hpc_creator"] == "cookie-1"
+    assert dict(_cookies(environ)) == dict(Request(environ).cookies)  # as the Flask route reads them

@@ -131,3 +131,14 @@ def test_logs_of_jobs_no_longer_polled_are_closed_and_forgotten(tmp_path: Path) 
     adapter._follows[JobId("8.0")] = state
     adapter._forget({JobId("8.0")})
     assert adapter._follows == {}
+
+
+def test_an_ad_of_a_job_killed_by_a_signal_or_with_undefined_values() -> None:
+    killed = _ad_info(classad2.ClassAd({"ClusterId": 5, "ProcId": 0, "JobStatus": 4, "ExitBySignal": True,
+                                        "ExitSignal": 9}))
+    assert (killed.state, killed.exit_code, killed.reason) == (JobState.FAILED, 137, "killed by signal 9")
+    ad = classad2.ClassAd({"ClusterId": 6, "ProcId": 0, "JobStatus": 2})
+    ad["ExitCode"] = classad2.ExprTree("undefined")
+    ad["RemoteHost"] = classad2.ExprTree("undefined")
+    running = _ad_info(ad)
+    assert (running.state, running.exit_code, running.node) == (JobState.RUNNING, None, None)

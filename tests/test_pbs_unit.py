@@ -239,3 +239,10 @@ def test_find_named_lists_live_jobs_by_name_prefix() -> None:
     runner = ReplayRunner({"qstat": [Result(0, fixture("openpbs-23.06.06-running-qstat-f-F-json-x.json"), "")]})
     assert set(PbsAdapter(runner=runner).find_named("hello")) == {"1.pbs"}
     assert runner.calls == [["qstat", "-f", "-F", "json"]]
+
+
+def test_a_pbs_pro_reply_that_leaves_an_id_out_says_nothing_about_it() -> None:
+    """PBS Pro names each unknown id on stderr; some OpenPBS builds answer only for the first of several ids."""
+    [job] = parse_json(fixture("openpbs-23.06.06-running-qstat-f-F-json-x.json"))
+    out = answer([job], [JobId("1.pbs"), JobId("2.pbs")], 0, "", "pbspro")
+    assert out[JobId("1.pbs")].presence == Presence.FOUND and out[JobId("2.pbs")].presence == Presence.QUERY_FAILED

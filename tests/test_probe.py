@@ -37,6 +37,7 @@ def test_more_addresses_than_one_batch_all_get_an_answer_and_duplicates_are_aske
     assert len(answers) == 300 and all(answers.values())
 
 
-def test_an_unparsable_address_is_unreachable_not_an_error() -> None:
-    assert reachable([("not an address", 1)], timeout_s=0.5) == {("not an address", 1): False}
+def test_a_host_name_is_not_probed_so_dns_cannot_stall_the_poller() -> None:
+    assert reachable([("localhost", 1), ("node7.example", 22)], timeout_s=0.5) == {
+        ("localhost", 1): None, ("node7.example", 22): None}
     assert reachable([], timeout_s=0.5) == {}

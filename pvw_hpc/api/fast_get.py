@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable
-from http.cookies import CookieError, SimpleCookie
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+from werkzeug.http import parse_cookie
 
 from ..errors import LaunchError
 from ..service import Service
@@ -62,13 +63,7 @@ class FastSessionGet:
         return [data]
 
 
-def _cookies(environ: dict[str, Any]) -> dict[str, str]:
-    """The request's cookies (only the creator cookie matters here); unparsable ones are no cookies."""
-    raw = environ.get("HTTP_COOKIE")
-    if not raw:
-        return {}
-    try:
-        jar = SimpleCookie(raw)
-    except CookieError:
-        return {}
-    return {name: morsel.value for name, morsel in jar.items()}
+def _cookies(environ: dict[str, Any]) -> Mapping[str, str]:
+    """The request's cookies exactly as Flask's route sees them (werkzeug's parser: one odd cookie of
+    another site on the domain does not hide the creator cookie)."""
+    return parse_cookie(environ)

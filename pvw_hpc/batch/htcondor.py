@@ -115,7 +115,9 @@ class HTCondorAdapter:
                 description = self.htcondor.Submit(script.text)
                 result = self._schedd().submit(description)
             except Exception as exc:  # the bindings raise HTCondorException, ValueError, RuntimeError...
-                raise BatchError(f"HTCondor submit failed: {exc}") from None
+                # no return code marks "the scheduler does not answer" (503s for a while): only for those
+                unreachable = any(w in str(exc) for w in ("Unable to locate", "Failed to connect", "connect to"))
+                raise BatchError(f"HTCondor submit failed: {exc}", returncode=None if unreachable else 1) from None
             job_id = JobId(f"{result.cluster()}.0")
             self._follows[job_id] = _Follow(script.workdir / EVENT_LOG)
             return job_id
@@ -155,10 +157,9 @@ class HTCondorAdapter:
             return {}
         with self._lock:
             try:
-                ads = self._schedd().history(_constraint(job_ids), projection=_PROJECTION)
+                found = _ad_infos(self._schedd().history(_constraint(job_ids), projection=_PROJECTION))
             except Exception as exc:
                 return failed_query(job_ids, f"HTCondor history failed: {exc}")
-            found = {_job_id(ad): _ad_info(ad) for ad in ads}
             return {j: found.get(j) or JobInfo(j, Presence.ABSENT) for j in job_ids}
 
     def find_named(self, prefix: str) -> dict[JobId, JobInfo]:
@@ -166,10 +167,9 @@ class HTCondorAdapter:
         constraint = f'JobBatchName =!= undefined && substr(JobBatchName, 0, {len(prefix)}) == "{_classad_text(prefix)}"'
         with self._lock:
             try:
-                ads = self._schedd().query(constraint, projection=_PROJECTION)
+                return _ad_infos(self._schedd().query(constraint, projection=_PROJECTION))
             except Exception as exc:
                 raise BatchError(f"HTCondor query failed: {exc}") from None
-            return {_job_id(ad): _ad_info(ad) for ad in ads}
 
     def cancel(self, job_id: JobId, user: str | None = None) -> None:
         """``Schedd.act(Remove)``; a job that is unknown or already gone counts as removed."""
@@ -225,15 +225,12 @@ class HTCondorAdapter:
     def _query(self, job_ids: list[JobId]) -> dict[JobId, JobInfo]:
         """The schedd's view of jobs whose log is silent; a job found there is followed by its log from now on."""
         try:
-            ads = self._schedd().query(_constraint(job_ids), projection=_PROJECTION)
+            out = _ad_infos(self._schedd().query(_constraint(job_ids), projection=_PROJECTION))
         except Exception as exc:
             return failed_query(job_ids, f"HTCondor query failed: {exc}")
-        out: dict[JobId, JobInfo] = {}
-        for ad in ads:
-            job_id = _job_id(ad)
-            out[job_id] = _ad_info(ad)
-            if job_id not in self._follows and ad.get("Iwd"):
-                self._follows[job_id] = _Follow(Path(ad["Iwd"]) / EVENT_LOG)
+        for job_id, info in out.items():
+            if job_id not in self._follows and info.workdir:
+                self._follows[job_id] = _Follow(Path(str(info.workdir)) / EVENT_LOG)
         return {j: out.get(j) or JobInfo(j, Presence.ABSENT) for j in job_ids}
 
 
@@ -241,16 +238,36 @@ def _job_id(ad: Any) -> JobId:
     return JobId(f"{ad['ClusterId']}.{ad['ProcId']}")
 
 
+def _value(ad: Any, key: str) -> Any:
+    """An attribute of a ClassAd, None when missing or ``undefined``/``error`` (classad2.Value, an IntEnum)."""
+    value = ad.get(key)
+    return None if value is None or type(value).__name__ == "Value" else value
+
+
 def _ad_info(ad: Any) -> JobInfo:
-    native, state = _STATUS.get(int(ad.get("JobStatus", 0)), ("UNKNOWN", JobState.UNKNOWN))
-    exit_code = ad.get("ExitCode")
-    reason = f"held: {ad.get('HoldReason')}" if native == "HELD" else ("removed" if native == "REMOVED" else None)
+    native, state = _STATUS.get(int(_value(ad, "JobStatus") or 0), ("UNKNOWN", JobState.UNKNOWN))
+    exit_code = _value(ad, "ExitCode")
+    reason = f"held: {_value(ad, 'HoldReason')}" if native == "HELD" else ("removed" if native == "REMOVED" else None)
+    if _value(ad, "ExitBySignal") is True:
+        signal = _value(ad, "ExitSignal")
+        exit_code = 128 + int(signal) if signal is not None else None
+        reason = f"killed by signal {signal}"
+        if native == "COMPLETED":
+            state = JobState.FAILED
     if native == "COMPLETED" and exit_code not in (None, 0):
         state = JobState.FAILED
-    return JobInfo(_job_id(ad), Presence.FOUND, state, native_state=native,
-                   node=node_of(ad.get("RemoteHost") or ad.get("LastRemoteHost")), reason=reason,
-                   exit_code=int(exit_code) if exit_code is not None else None, name=ad.get("JobBatchName"),
-                   workdir=ad.get("Iwd"), stuck=native == "HELD")
+    host = _value(ad, "RemoteHost") or _value(ad, "LastRemoteHost")
+    return JobInfo(_job_id(ad), Presence.FOUND, state, native_state=native, node=node_of(str(host) if host else None),
+                   reason=reason, exit_code=int(exit_code) if exit_code is not None else None,
+                   name=_value(ad, "JobBatchName"), workdir=_value(ad, "Iwd"), stuck=native == "HELD")
+
+
+def _ad_infos(ads: Any) -> dict[JobId, JobInfo]:
+    """Every ad as a JobInfo; raises BatchError for an ad that cannot be read (the caller's failed query)."""
+    try:
+        return {_job_id(ad): _ad_info(ad) for ad in ads}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BatchError(f"HTCondor answered an ad that cannot be read: {exc!r}") from None
 
 
 def _constraint(job_ids: Collection[JobId]) -> str:

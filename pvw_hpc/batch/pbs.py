@@ -68,7 +68,7 @@ def parse_submit(stdout: str) -> JobId:
             if _JOB_ID.match(word):
                 return JobId(word)
             break
-    raise BatchError(f"qsub printed no job id: {stdout.strip()[:200]!r}")
+    raise BatchError(f"qsub printed no job id: {stdout.strip()[:200]!r}", returncode=0)
 
 
 def same_job(a: str, b: str) -> bool:
@@ -202,9 +202,9 @@ def answer(jobs: Iterable[Mapping[str, str]], job_ids: Collection[JobId], return
 
     An id qstat names as unknown is ABSENT; one it says has finished (asked
     without ``-x``) is FOUND and final, its exit decided by the exit-code file.
-    When the command worked (0) or only failed for unknown ids (153), an id
-    missing from the output is ABSENT: the Slurm wrapper leaves unknown ids out
-    silently. Any other failure leaves the missing ids QUERY_FAILED.
+    For Torque, when the command worked (0) or only failed for unknown ids
+    (153), an id missing from the output is ABSENT: the Slurm wrapper leaves
+    unknown ids out silently. Otherwise a missing id is QUERY_FAILED.
     """
     found = list(jobs)
     unknown = {m.group(1) for m in _UNKNOWN.finditer(stderr)}
@@ -218,7 +218,9 @@ def answer(jobs: Iterable[Mapping[str, str]], job_ids: Collection[JobId], return
             out[job_id] = JobInfo(job_id, Presence.ABSENT)
         elif any(same_job(f, job_id) for f in finished):
             out[job_id] = JobInfo(job_id, Presence.FOUND, JobState.COMPLETED, native_state="F")
-        elif returncode in (0, RC_UNKNOWN_JOB) and (found or returncode == RC_UNKNOWN_JOB):
+        elif flavor == "torque" and returncode in (0, RC_UNKNOWN_JOB) and (found or returncode == RC_UNKNOWN_JOB):
+            # Torque's Slurm wrapper leaves unknown ids out silently; PBS Pro names each one on stderr
+            # (and some OpenPBS builds answer only for the first of several ids), so there silence is no answer
             out[job_id] = JobInfo(job_id, Presence.ABSENT)
         else:
             why = stderr.strip()[:300] or ("qstat printed nothing" if returncode == 0 else f"qstat exit {returncode}")
@@ -278,8 +280,12 @@ class PbsAdapter:
             raise BatchError(f"qstat exit {result.returncode}: {result.stderr.strip()[:300]}", argv,
                              result.returncode, result.stderr)
         jobs = self._parse(result.stdout)
-        if jobs is None:
-            raise BatchError("qstat printed neither JSON nor qstat -f text", argv)
+        if jobs is None:  # one job's JSON the server could not write: the text form has them all
+            try:
+                text = self.runner.run(["qstat", "-f"])
+            except CommandFailed as exc:
+                raise BatchError(f"qstat failed: {exc.why}", exc.argv, exc.returncode, exc.stderr) from None
+            jobs = parse_text(text.stdout)
         infos = [job_info(a, self.flavor) for a in jobs]
         return {i.job_id: i for i in infos if i.name and i.name.startswith(prefix)}
 
