@@ -156,3 +156,21 @@ def expand_prefix(prefix: Sequence[str], user: str) -> list[str]:
         raise BatchError(f"refusing to run a job as {user!r}: not a valid user name "
                          "(lowercase letters, digits, _ and -, at most 32, not root)")
     return [part.replace(USER_PLACEHOLDER, user) for part in prefix]
+
+
+def command_prefix(prefix: Sequence[str], user: str | None) -> list[str]:
+    """The argv prefix for a command run as ``user``: empty without a prefix or a user; a bad name raises."""
+    if not prefix or user is None:
+        return []
+    return expand_prefix(prefix, user)
+
+
+def submit_prefix_for(prefix: Sequence[str], script: JobScript) -> list[str]:
+    """The prefix for submitting ``script``; a cluster with a prefix refuses a script without a user.
+
+    Submitting it as the launcher's (service) account instead would quietly run the job under
+    the wrong identity. Without a prefix ``script.user`` is ignored.
+    """
+    if prefix and script.user is None:
+        raise BatchError("this cluster runs jobs as the requesting user (submit_prefix), but the job has no user")
+    return command_prefix(prefix, script.user)

@@ -32,8 +32,9 @@ from .base import (
     JobScript,
     JobState,
     Presence,
-    expand_prefix,
+    command_prefix,
     failed_query,
+    submit_prefix_for,
 )
 from .runner import CommandFailed, CommandRunner
 
@@ -244,9 +245,7 @@ class PbsAdapter:
 
     def submit(self, script: JobScript) -> JobId:
         """``qsub`` the script file from its job folder (so ``PBS_O_WORKDIR`` names it)."""
-        if self.submit_prefix and script.user is None:
-            raise BatchError("this cluster runs jobs as the requesting user (submit_prefix), but the job has no user")
-        prefix = self._prefix(script.user)
+        prefix = submit_prefix_for(self.submit_prefix, script)
         # -N again on the command line: Slurm's wrapper reads options only there, not from #PBS lines
         argv = ["qsub", "-N", script.name, str(script.path)]
         try:
@@ -291,7 +290,7 @@ class PbsAdapter:
 
     def cancel(self, job_id: JobId, user: str | None = None) -> None:
         """``qdel``; a job that is unknown or already finished counts as cancelled."""
-        prefix = self._prefix(user)
+        prefix = command_prefix(self.submit_prefix, user)
         try:
             result = self.runner.run(["qdel", str(job_id)], check=False, prefix=prefix)
         except CommandFailed as exc:
@@ -333,8 +332,3 @@ class PbsAdapter:
             except ValueError:
                 return None
         return parse_text(stdout)
-
-    def _prefix(self, user: str | None) -> list[str]:
-        if not self.submit_prefix or user is None:
-            return []
-        return expand_prefix(self.submit_prefix, user)

@@ -21,7 +21,17 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .base import BatchError, JobId, JobInfo, JobScript, JobState, Presence, expand_prefix, failed_query
+from .base import (
+    BatchError,
+    JobId,
+    JobInfo,
+    JobScript,
+    JobState,
+    Presence,
+    command_prefix,
+    failed_query,
+    submit_prefix_for,
+)
 from .runner import CommandFailed, CommandRunner
 
 # Slurm job states (squeue %T / sacct State) -> our reduced states
@@ -170,16 +180,8 @@ class SlurmAdapter:
                    submit_prefix=tuple(getattr(cluster, "submit_prefix", ())))
 
     def submit(self, script: JobScript) -> JobId:
-        """sbatch the script; through the prefix as ``script.user`` when the cluster has one.
-
-        A cluster with a prefix refuses a script without a user rather than submitting it
-        as the launcher's (service) account: a forgotten user must not quietly run a job
-        under the wrong identity. Without a prefix ``script.user`` is ignored.
-        """
-        if self.submit_prefix and script.user is None:
-            raise BatchError("this cluster runs jobs as the requesting user (submit_prefix), "
-                             "but the job has no user")
-        prefix = self._prefix(script.user)
+        """sbatch the script; through the prefix as ``script.user`` when the cluster has one."""
+        prefix = submit_prefix_for(self.submit_prefix, script)
         try:
             result = self.runner.run(["sbatch", "--parsable", str(script.path)], attempts=1, prefix=prefix,
                                      umask=SUBMIT_UMASK)
@@ -237,19 +239,13 @@ class SlurmAdapter:
         was configured) the launcher tries itself: root can, an unprivileged account gets
         a clear BatchError, and nothing runs under a guessed identity.
         """
-        prefix = self._prefix(user)
+        prefix = command_prefix(self.submit_prefix, user)
         try:
             # an unknown id exits 0 silently: already gone
             self.runner.run(["scancel", str(job_id)], prefix=prefix)
         except CommandFailed as exc:
             raise BatchError(f"scancel{_as(prefix, user)} failed: {exc.why}", exc.argv, exc.returncode,
                              exc.stderr) from None
-
-    def _prefix(self, user: str | None) -> list[str]:
-        """The command prefix for ``user``: empty without a prefix or a user; a bad name raises BatchError."""
-        if not self.submit_prefix or user is None:
-            return []
-        return expand_prefix(self.submit_prefix, user)
 
 
 def _as(prefix: Sequence[str], user: str | None) -> str:
