@@ -57,8 +57,12 @@ def skip_reason() -> str | None:
     return None
 
 
-def _run(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), capture_output=True, text=True, check=check, timeout=60)
+def run_command(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a set-up command here (not on a host); ``check`` raises with its stderr when it fails."""
+    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}")
+    return done
 
 
 class Hosts:
@@ -111,7 +115,7 @@ class Hosts:
 
     def set_link(self, host: int, up: bool) -> None:
         """Cut (``up=False``) or restore ``hostN``'s only link, as a pulled cable would."""
-        _run(["ip", "link", "set", f"{self.prefix}{host}b", "up" if up else "down"])
+        run_command(["ip", "link", "set", f"{self.prefix}{host}b", "up" if up else "down"])
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -129,20 +133,20 @@ class Hosts:
         if not NETNS_DIR.exists():
             (self.root / _CREATED_MARKER).touch()
         # the bridge's address first: from then on the subnet is a connected route on the bridge
-        _run(["ip", "link", "add", self.bridge, "type", "bridge"])
-        _run(["ip", "addr", "add", f"{self.bridge_address}/24", "dev", self.bridge])
-        _run(["ip", "link", "set", self.bridge, "up"])
+        run_command(["ip", "link", "add", self.bridge, "type", "bridge"])
+        run_command(["ip", "addr", "add", f"{self.bridge_address}/24", "dev", self.bridge])
+        run_command(["ip", "link", "set", self.bridge, "up"])
         self._check_route_stays_local()
         for host in HOSTS:
             ns, outside, inside = self.namespace(host), f"{self.prefix}{host}b", f"{self.prefix}{host}n"
-            _run(["ip", "netns", "add", ns])
-            _run(["ip", "link", "add", outside, "type", "veth", "peer", "name", inside])
-            _run(["ip", "link", "set", inside, "netns", ns])
-            _run(["ip", "-n", ns, "link", "set", inside, "name", "eth0"])
-            _run(["ip", "link", "set", outside, "master", self.bridge, "up"])
-            _run(["ip", "-n", ns, "addr", "add", f"{self.address(host)}/24", "dev", "eth0"])
-            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-            _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+            run_command(["ip", "netns", "add", ns])
+            run_command(["ip", "link", "add", outside, "type", "veth", "peer", "name", inside])
+            run_command(["ip", "link", "set", inside, "netns", ns])
+            run_command(["ip", "-n", ns, "link", "set", inside, "name", "eth0"])
+            run_command(["ip", "link", "set", outside, "master", self.bridge, "up"])
+            run_command(["ip", "-n", ns, "addr", "add", f"{self.address(host)}/24", "dev", "eth0"])
+            run_command(["ip", "-n", ns, "link", "set", "lo", "up"])
+            run_command(["ip", "-n", ns, "link", "set", "eth0", "up"])
         return self
 
     def down(self) -> None:
@@ -150,15 +154,15 @@ class Hosts:
         namespaces = [self.namespace(h) for h in HOSTS if (NETNS_DIR / self.namespace(h)).exists()]
         self._kill_inside(namespaces)
         for ns in namespaces:
-            _run(["ip", "netns", "del", ns], check=False)
+            run_command(["ip", "netns", "del", ns], check=False)
         for host in HOSTS:
             if Path(f"/sys/class/net/{self.prefix}{host}b").exists():
-                _run(["ip", "link", "del", f"{self.prefix}{host}b"], check=False)
+                run_command(["ip", "link", "del", f"{self.prefix}{host}b"], check=False)
         if Path(f"/sys/class/net/{self.bridge}").exists():
-            _run(["ip", "link", "del", self.bridge], check=False)
+            run_command(["ip", "link", "del", self.bridge], check=False)
         marker = self.root / _CREATED_MARKER
         if marker.exists() and NETNS_DIR.exists() and not any(NETNS_DIR.iterdir()):
-            _run(["umount", str(NETNS_DIR)], check=False)
+            run_command(["umount", str(NETNS_DIR)], check=False)
             with contextlib.suppress(OSError):
                 NETNS_DIR.rmdir()
             marker.unlink()
@@ -189,7 +193,7 @@ class Hosts:
 
     def _refuse_if_subnet_in_use(self) -> None:
         """Never share a subnet with something real: its traffic would be ours to disturb."""
-        for line in _run(["ip", "-4", "route", "show"]).stdout.splitlines():
+        for line in run_command(["ip", "-4", "route", "show"]).stdout.splitlines():
             target = line.split()[0]
             if target == "default":
                 continue
@@ -200,7 +204,7 @@ class Hosts:
 
     def _check_route_stays_local(self) -> None:
         for host in HOSTS:
-            route = _run(["ip", "-4", "route", "get", self.address(host)]).stdout
+            route = run_command(["ip", "-4", "route", "get", self.address(host)]).stdout
             if f"dev {self.bridge}" not in route:
                 raise RuntimeError(f"{self.address(host)} would not stay on {self.bridge}: {route.strip()}")
 
@@ -209,7 +213,7 @@ class Hosts:
         def pids() -> set[int]:
             found: set[int] = set()
             for ns in namespaces:
-                out = _run(["ip", "netns", "pids", ns], check=False).stdout
+                out = run_command(["ip", "netns", "pids", ns], check=False).stdout
                 found.update(int(p) for p in out.split() if p.isdigit())
             return {p for p in found if alive(p)}
 
@@ -222,10 +226,16 @@ class Hosts:
                 time.sleep(0.05)
 
 
+def proc_stat(pid: int) -> list[str] | None:
+    """Fields of ``/proc/<pid>/stat`` after the command name (state first, then the parent), or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def alive(pid: int) -> bool:
     """True unless the process is gone or a zombie (PID 1 here reaps lazily)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")

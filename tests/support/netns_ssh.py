@@ -58,7 +58,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from tests.support.netns import Hosts
+from tests.support.netns import Hosts, alive, proc_stat, run_command
 
 SSHD = "/usr/sbin/sshd"
 USER = "pvwssh"
@@ -88,11 +88,11 @@ def ensure_user(name: str = USER) -> pwd.struct_passwd:
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
-        _run(["useradd", "--create-home", "--shell", "/bin/bash", "--password", "*", name])
+        run_command(["useradd", "--create-home", "--shell", "/bin/bash", "--password", "*", name])
         return pwd.getpwnam(name)
-    shadow = _run(["getent", "shadow", name], check=False).stdout.split(":")
+    shadow = run_command(["getent", "shadow", name], check=False).stdout.split(":")
     if len(shadow) > 1 and shadow[1].startswith("!"):
-        _run(["usermod", "--password", "*", name])
+        run_command(["usermod", "--password", "*", name])
     return entry
 
 
@@ -197,10 +197,10 @@ class SshHosts:
                 proc.kill()
                 proc.wait(timeout=grace_s)
         deadline = time.monotonic() + grace_s
-        while any(_alive(pid) for pid in sessions) and time.monotonic() < deadline:
+        while any(alive(pid) for pid in sessions) and time.monotonic() < deadline:
             time.sleep(0.05)
         for pid in sessions:
-            if _alive(pid):
+            if alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         self.procs.clear()
@@ -234,7 +234,7 @@ class SshHosts:
             if not key.exists() or not key.with_suffix(".pub").exists():
                 key.unlink(missing_ok=True)
                 key.with_suffix(".pub").unlink(missing_ok=True)
-                _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key)])
+                run_command(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key)])
             key.chmod(0o600)
             key.with_suffix(".pub").chmod(0o644)
 
@@ -321,7 +321,7 @@ MaxStartups 50:30:100
 
     def _start_one(self, host: int, timeout_s: float) -> None:
         config = self._write_sshd_config(host)
-        _run([SSHD, "-t", "-f", str(config)])  # a config error fails here with sshd's message
+        run_command([SSHD, "-t", "-f", str(config)])  # a config error fails here with sshd's message
         argv = [SSHD, "-D", "-e", "-f", str(config)]
         mounts = self._mount_script(host)
         if mounts:
@@ -345,39 +345,17 @@ MaxStartups 50:30:100
             time.sleep(0.05)
 
 
-def _stat(pid: int) -> list[str] | None:
-    """Fields of ``/proc/<pid>/stat`` after the command name (state first), or ``None`` if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            return fh.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
 def _children(pid: int) -> list[int]:
     """PIDs whose parent is ``pid`` (sshd's per-connection processes), from one scan of /proc."""
     found = []
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
-            fields = _stat(int(entry.name))
+            fields = proc_stat(int(entry.name))
             if fields is not None and fields[1] == str(pid):
                 found.append(int(entry.name))
     return found
 
 
-def _alive(pid: int) -> bool:
-    """True unless the process is gone or a zombie (PID 1 here reaps lazily)."""
-    fields = _stat(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
-
-
 def _write(path: Path, text: str, mode: int = 0o644) -> None:
     path.write_text(text)
     path.chmod(mode)
-
-
-def _run(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
-    if check and done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}")
-    return done
