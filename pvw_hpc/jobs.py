@@ -37,6 +37,7 @@ import jinja2
 
 from .batch.base import JobScript
 from .clusters import RESOURCE_RULES, ClusterConfig, is_valid_user
+from .limits import walltime_seconds
 
 # placeholders the launcher cannot fill (the node decides); the job side replaces them
 SENTINELS = {
@@ -155,24 +156,12 @@ def _environment(loaders: list[jinja2.BaseLoader], submit_description: bool = Fa
 
 
 def time_seconds(value: int | str) -> int:
-    """A ``time`` resource (read as sbatch reads ``--time``: minutes, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in seconds.
+    """A validated ``time`` resource in seconds, read as the limits read a request's walltime.
 
     Templates for schedulers that spell walltimes differently (PBS ``HH:MM:SS``,
-    HTCondor seconds) convert with the ``seconds`` and ``hms`` filters.
+    HTCondor seconds) convert with the ``seconds`` and ``hms`` filters; ``0`` stays 0.
     """
-    if isinstance(value, int):
-        return value * 60
-    days, _, rest = value.rpartition("-")
-    parts = [int(p) for p in rest.split(":")]
-    if days:
-        hours, minutes, secs = (parts + [0, 0])[:3]
-    elif len(parts) == 1:
-        hours, minutes, secs = 0, parts[0], 0
-    elif len(parts) == 2:
-        hours, minutes, secs = 0, parts[0], parts[1]
-    else:
-        hours, minutes, secs = parts
-    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + secs
+    return walltime_seconds(value) or 0
 
 
 def _hms(total: int) -> str:
