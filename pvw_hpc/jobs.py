@@ -21,6 +21,7 @@ otherwise, as a job there could not even start).
 
 from __future__ import annotations
 
+import functools
 import grp
 import json
 import os
@@ -131,16 +132,29 @@ def job_name(session_id: str) -> str:
 
 def template_environment(cluster: ClusterConfig) -> tuple[jinja2.Environment, str]:
     """The Jinja environment for a cluster and the name of its script template."""
-    shipped = resources.files("jobscripts")
+    return _template_environment(cluster.scheduler, cluster.template)
+
+
+@functools.lru_cache(maxsize=64)
+def _template_environment(scheduler: str, site_template: str | None) -> tuple[jinja2.Environment, str]:
+    """One environment per (scheduler, site template): each launch renders with compiled templates.
+
+    Jinja's file loaders check the files' mtimes, so an edited site template is still picked up.
+    """
     loaders: list[jinja2.BaseLoader] = []
-    name = TEMPLATE_NAMES.get(cluster.scheduler, f"{cluster.scheduler}.sh.j2")
-    if cluster.template:
-        site = Path(cluster.template)
+    name = TEMPLATE_NAMES.get(scheduler, f"{scheduler}.sh.j2")
+    if site_template:
+        site = Path(site_template)
         loaders.append(jinja2.FileSystemLoader(str(site.parent)))
         name = site.name
-    loaders.append(jinja2.FileSystemLoader(str(shipped)))
-    env = _environment(loaders, submit_description=name.endswith(".sub.j2"))
-    return env, name
+    loaders.append(jinja2.FileSystemLoader(str(resources.files("jobscripts"))))
+    return _environment(loaders, submit_description=name.endswith(".sub.j2")), name
+
+
+@functools.lru_cache(maxsize=1)
+def _body_environment() -> jinja2.Environment:
+    """The shipped templates with shell quoting, for ``body.sh``."""
+    return _environment([jinja2.FileSystemLoader(str(resources.files("jobscripts")))])
 
 
 def _environment(loaders: list[jinja2.BaseLoader], submit_description: bool = False) -> jinja2.Environment:
@@ -192,8 +206,7 @@ def render_body(cluster: ClusterConfig, session_id: str, job_resources: dict[str
     _env, name = template_environment(cluster)
     if not name.endswith(".sub.j2"):
         return None
-    env = _environment([jinja2.FileSystemLoader(str(resources.files("jobscripts")))])
-    return env.get_template(BODY_TEMPLATE).render(files=job_files(cluster, session_id), cluster=cluster,
+    return _body_environment().get_template(BODY_TEMPLATE).render(files=job_files(cluster, session_id), cluster=cluster,
                                                   r=job_resources)
 
 

@@ -20,6 +20,7 @@ was imported before.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -95,8 +96,9 @@ class HTCondorAdapter:
     def from_cluster(cls, cluster: Any) -> HTCondorAdapter:
         return cls(condor_config=cluster.condor_config, schedd_name=cluster.schedd)
 
-    @property
+    @functools.cached_property
     def htcondor(self) -> Any:
+        """The configured bindings, looked up once (the poller reads event types for every job, every cycle)."""
         return bindings(self.condor_config)
 
     def _schedd(self) -> Any:
