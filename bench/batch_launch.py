@@ -35,6 +35,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pvw_hpc.batch.htcondor import bindings  # CONDOR_CONFIG set before the import, as the adapter does
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or not, _common is found
 from _common import (  # noqa: E402
     PVW_HPC,
@@ -85,10 +87,8 @@ def _ok(argv: list[str]) -> bool:
 
 
 def _condor_answers() -> bool:
-    os.environ["CONDOR_CONFIG"] = CONDOR_CONFIG
     try:
-        import htcondor2
-        htcondor2.Schedd().query("false", projection=["ClusterId"])
+        bindings(CONDOR_CONFIG).Schedd().query("false", projection=["ClusterId"])
     except Exception:
         return False
     return True

@@ -210,11 +210,13 @@ def check_clusters(raw: Any, report_error: Report, warn: Report) -> dict[str, Cl
         elif flavor is not None:
             error(f"{path}.flavor", "only PBS clusters have a flavor")
         condor = {key: c.get(key) for key in ("condor_config", "schedd")}
-        for key, value in condor.items():
-            if value is not None and (scheduler != "htcondor" or not isinstance(value, str) or not _LINE.match(value)
-                                      or not value or (key == "condor_config" and not value.startswith("/"))):
-                error(f"{path}.{key}", "an HTCondor cluster's " + ("absolute config file path" if key == "condor_config"
-                                                                   else "schedd name"))
+        for key, what, ok in (("condor_config", "absolute config file path", lambda v: v.startswith("/")),
+                              ("schedd", "schedd name", lambda v: True)):
+            value = condor[key]
+            if value is None:
+                continue
+            if scheduler != "htcondor" or not isinstance(value, str) or not value or not _LINE.match(value) or not ok(value):
+                error(f"{path}.{key}", f"an HTCondor cluster's {what}")
         job_user = c.get("job_user")
         if job_user is not None and not is_valid_user(job_user):
             error(f"{path}.job_user", "must be a user name (lowercase letters, digits, _ and -; not root)")

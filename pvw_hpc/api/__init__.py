@@ -77,7 +77,12 @@ def _register_errors(app: Flask) -> None:
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> ResponseReturnValue:
         app.logger.exception("unexpected error on %s %s", request.method, request.path)
-        return {"error": f"internal error ({type(exc).__name__}); see the launcher log"}, 500
+        return internal_error_body(exc), 500
+
+
+def internal_error_body(exc: Exception) -> dict[str, str]:
+    """What a 500 says: the kind of error, never its text (which may hold paths or secrets)."""
+    return {"error": f"internal error ({type(exc).__name__}); see the launcher log"}
 
 
 def parse_json_body() -> Any:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from http import HTTPStatus
 from typing import Any
 
 from werkzeug.http import parse_cookie
@@ -23,15 +24,13 @@ from werkzeug.http import parse_cookie
 from ..errors import LaunchError
 from ..service import Service
 from ..validate import is_session_id
+from . import internal_error_body
 from .launcher import CREATOR_COOKIE
 
 log = logging.getLogger(__name__)
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
-
-_REASONS = {200: "OK", 400: "BAD REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT FOUND",
-            500: "INTERNAL SERVER ERROR", 503: "SERVICE UNAVAILABLE"}
 
 
 class FastSessionGet:
@@ -56,9 +55,9 @@ class FastSessionGet:
             status, body = exc.status, exc.body()
         except Exception as exc:  # as the Flask app's last error handler answers
             log.exception("unexpected error on GET %s", path)
-            status, body = 500, {"error": f"internal error ({type(exc).__name__}); see the launcher log"}
+            status, body = 500, internal_error_body(exc)
         data = json.dumps(body, separators=(",", ":")).encode() + b"\n"  # as Flask's jsonify writes it
-        start_response(f"{status} {_REASONS.get(status, 'ERROR')}",
+        start_response(f"{status} {HTTPStatus(status).phrase}",
                        [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
         return [data]
 
