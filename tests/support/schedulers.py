@@ -94,8 +94,10 @@ class Pbs(Backend):
         return None
 
     def job_running(self, job_id: str, queued_too: bool = False) -> bool:
-        out = _run(["qstat", "-f", job_id]).stdout
-        state = next((line.split("=", 1)[1].strip() for line in out.splitlines() if "job_state" in line), "")
+        from pvw_hpc.batch.pbs import parse_text
+
+        jobs = parse_text(_run(["qstat", "-f", job_id]).stdout)
+        state = jobs[0].get("job_state", "") if jobs else ""
         return state in ("R", "E") or (queued_too and state in ("Q", "H", "W"))
 
     def cancel_outside(self, job_id: str) -> None:
