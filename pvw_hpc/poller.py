@@ -226,14 +226,14 @@ class Poller:
             return
         reach.last_probe = now
         ready = [j for j in self.store.tracked(cluster) if j.state == SessionState.READY and j.host and j.port]
-
-        answers = reachable([(j.host or "", j.port or 0) for j in ready], timeout_s=PROBE_TIMEOUT_S)
+        address = {j.id: (str(j.host), int(j.port or 0)) for j in ready}
+        answers = reachable(address.values(), timeout_s=PROBE_TIMEOUT_S)
         if len({j.host for j in ready}) > 1 and not any(answers.values()):
             # every app on every node silent at once: the launcher's own network, not the apps
             log.warning("cluster %s: none of %d ready apps answers; not judging them this time", cluster, len(ready))
             return
         for job in ready:
-            answer = answers[(job.host or "", job.port or 0)]
+            answer = answers[address[job.id]]
             if answer:
                 reach.answered.add(job.id)
                 reach.silent_since.pop(job.id, None)
