@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import re
@@ -56,13 +57,32 @@ class TokenEntry:
     roles: frozenset[str]
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 @dataclass(frozen=True)
 class AuthConfig:
-    """``configuration.auth``; absent means anonymous launches allowed and no tokens (stock behaviour)."""
+    """``configuration.auth``; absent means anonymous launches allowed and no tokens (stock behaviour).
+
+    ``trusted_proxies``: addresses or networks of the front end (Apache). Only
+    their ``X-Forwarded-For`` is believed, and only they may hold more than
+    ``connections.per_client`` connections.
+    """
 
     anonymous: bool = True
     tokens: tuple[TokenEntry, ...] = ()
     token_file: Path | None = None
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+
+    def is_trusted_proxy(self, address: str | None) -> bool:
+        """True when ``address`` (a peer's IP text) lies in ``trusted_proxies``."""
+        if not address or not self.trusted_proxies:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.trusted_proxies)
 
 
 @dataclass(frozen=True)
@@ -123,8 +143,25 @@ def check_auth(raw: Any, error: Any) -> AuthConfig:
     if token_file is not None and not isinstance(token_file, str):
         error("$.configuration.auth.token_file", "must be a path")
         token_file = None
+    proxies = check_networks(raw.get("trusted_proxies", []), "$.configuration.auth.trusted_proxies", error)
     return AuthConfig(anonymous=anonymous is True, tokens=tuple(tokens),
-                      token_file=Path(token_file) if token_file else None)
+                      token_file=Path(token_file) if token_file else None, trusted_proxies=proxies)
+
+
+def check_networks(raw: Any, path: str, error: Any) -> tuple[IPNetwork, ...]:
+    """A list of IP addresses or CIDR networks (``10.1.0.0/16``, ``127.0.0.1``, ``::1``)."""
+    if not isinstance(raw, list):
+        error(path, "must be a list of IP addresses or networks such as 10.1.0.0/16")
+        return ()
+    nets = []
+    for i, item in enumerate(raw):
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False) if isinstance(item, str) else None)
+        except ValueError:
+            nets.append(None)
+        if nets[-1] is None:
+            error(f"{path}[{i}]", f"must be an IP address or network such as 10.1.0.0/16, got {item!r}")
+    return tuple(n for n in nets if n is not None)
 
 
 class Authenticator:

@@ -19,6 +19,7 @@ from typing import Any
 from . import jsonc
 from .auth import AuthConfig, check_auth
 from .clusters import ClusterConfig, check_clusters, check_resources
+from .connections import ConnectionLimits, check_connections_config
 from .limits import Limits, check_limits_config
 from .validate import APP_NAME_RE, ENDPOINT_RE, is_valid_host
 
@@ -38,7 +39,7 @@ STOCK_CONFIGURATION_KEYS = frozenset(
     {"host", "port", "endpoint", "content", "proxy_file", "sessionURL", "timeout", "log_dir",
      "fields", "sanitize", "upload_dir"}
 )
-OUR_CONFIGURATION_KEYS = frozenset({"database", "threads", "auth", "limits", "keep_ended", "pin_cpu"})
+OUR_CONFIGURATION_KEYS = frozenset({"database", "threads", "auth", "limits", "keep_ended", "pin_cpu", "connections"})
 APP_KEYS = frozenset({"cmd", "ready_line", "timeout", "env", "cwd", "cluster", "resources", "port",
                       "max_age", "idle_timeout"})
 TOP_LEVEL_KEYS = frozenset({"configuration", "apps", "properties", "resources", "sessionData", "clusters"})
@@ -141,6 +142,7 @@ class LauncherConfig:
     keep_ended_s: float = 7 * 86400  # ended sessions stay listed this long, then rows, logs and job files go
     auth: AuthConfig = field(default_factory=AuthConfig)
     limits: Limits = field(default_factory=Limits)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     source: str = "<dict>"
 
     def app_timeout_s(self, app: AppConfig) -> float:
@@ -266,6 +268,7 @@ class _Checker:
             self.error("$.configuration.keep_ended", "must be a number of seconds >= 0")
             keep_ended = 7 * 86400
         limits = check_limits_config(conf.get("limits"), set(apps), self.error)
+        connections = check_connections_config(conf.get("connections"), self.error, self.warn)
         if any(app.cluster is None for app in apps.values()) and not resources:
             self.error("$.resources", "local apps (no 'cluster') need at least one {host, port_range}")
         database = c.get("database")
@@ -285,7 +288,7 @@ class _Checker:
             log_dir=Path(log_dir), fields=tuple(fields), sanitize=sanitize, properties=properties,
             session_data=session_data, apps=apps, resources=resources, database_url=database,
             threads=threads, clusters=clusters, auth=auth, limits=limits, keep_ended_s=float(keep_ended),
-            pin_cpu=conf.get("pin_cpu") is True,
+            pin_cpu=conf.get("pin_cpu") is True, connections=connections,
             source=source,
         )
 
