@@ -16,11 +16,10 @@ import signal
 import sys
 from types import FrameType
 
-import waitress
-
 from .api import create_app
 from .api.fast_get import FastSessionGet
 from .config import LauncherConfig
+from .connections import create_server, raise_fd_limit
 from .housekeeping import Housekeeper
 from .poller import Poller
 from .service import Service
@@ -55,10 +54,11 @@ def serve(config: LauncherConfig) -> None:
     housekeeper = Housekeeper(service)
     housekeeper.start()
     app = FastSessionGet(create_app(service=service), service)  # session reads skip Flask (see fast_get.py)
-    server = waitress.create_server(app, host=config.host, port=config.port, threads=config.threads,
-                                    ident="pvw-hpc", channel_timeout=300,
-                                    connection_limit=config.threads + 100)  # a burst of blocking POSTs fits
-    listen = getattr(server, "effective_listen", None) or [(server.effective_host, server.effective_port)]
+    # idle and slow clients must not crowd out /health and the API (configuration.connections)
+    raise_fd_limit(config.connections)
+    server = create_server(app, limits=config.connections, trusted=config.auth.is_trusted_proxy,
+                           host=config.host, port=config.port, threads=config.threads)
+    listen = server.effective_listen
     host, port = listen[0][:2]
     service.listening_url = f"http://{host}:{port}/{config.endpoint}"
     print(f"pvw-hpc: serving {service.listening_url}/", flush=True)
