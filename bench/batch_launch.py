@@ -66,6 +66,7 @@ def cluster_configs(root: Path) -> dict[str, tuple[dict[str, Any], str]]:
     """Scheduler -> (cluster config, the python with wslink where its jobs run), for those that answer here."""
     out: dict[str, tuple[dict[str, Any], str]] = {}
     common = {"callback_url": "auto", "python": "/usr/bin/python3", "poll_fast_s": 0.2, "poll_slow_s": 2,
+              "allow_loopback": True,  # the local clusters' nodes are this machine
               "defaults": {"time": "00:10:00", "cpus": 1}}
     if shutil.which("sinfo") and _ok(["sinfo", "-h", "-o", "%T"]):
         out["slurm"] = ({"scheduler": "slurm", **common, "job_dir": str(root / "jobs" / "slurm")}, sys.executable)

@@ -249,7 +249,7 @@ def build_service(root: Path) -> Service:
         "properties": demo_properties(),
         "clusters": {
             CLUSTER: {"scheduler": "slurm", "access": "cli", "job_dir": str(root / "jobs"),
-                      "callback_url": "http://127.0.0.1:9/paraview",
+                      "callback_url": "http://127.0.0.1:9/paraview", "allow_loopback": True,
                       "defaults": {"partition": PARTITION, "time": "00:10:00", "cpus": 1}},
         },
         "apps": {"demo": batch_demo_app(CLUSTER)},

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .auth import IPNetwork, check_networks
 from .batch.base import USER_PLACEHOLDER
 from .batch.base import is_valid_user as is_valid_user  # re-exported: the service checks names with it
 
@@ -30,6 +31,9 @@ SCHEDULERS = ("slurm", "pbs", "htcondor")
 ACCESS_MODES = {"slurm": ("cli", "rest"), "pbs": ("cli",), "htcondor": ("bindings",)}
 PBS_FLAVORS = ("pbspro", "torque")  # status dialect and resource syntax: qstat -F json + select, or text + ppn
 NODE_ADDRESS_MODES = ("ip", "hostname", "fqdn")
+# where the job side picks its app's port on the node: below Linux's default ephemeral range (32768-60999),
+# so outgoing connections on the node do not take it; a route outside it is refused
+DEFAULT_PORT_RANGE = (20000, 32767)
 
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]{1,64}\Z")
 _TIME = re.compile(r"^(?:\d+-)?\d{1,4}(?::\d{1,2}){0,2}\Z")
@@ -101,12 +105,17 @@ class ClusterConfig:
     # argv before sbatch/scancel to run them as the requesting user, with ${user} in it; empty:
     # jobs run as the launcher's user
     submit_prefix: tuple[str, ...] = ()
+    # routes the job side may claim (see routes.py): ports, extra node networks, loopback for a one-machine cluster
+    port_range: tuple[int, int] = DEFAULT_PORT_RANGE
+    node_networks: tuple[IPNetwork, ...] = ()
+    allow_loopback: bool = False
 
 
 CLUSTER_KEYS = frozenset({
     "scheduler", "access", "job_dir", "template", "callback_url", "python", "node_address", "requeue",
     "defaults", "poll_fast_s", "poll_slow_s", "command_timeout_s", "commands", "rest", "submit_prefix",
     "probe_every_s", "unreachable_after_s", "flavor", "condor_config", "schedd", "job_user",
+    "port_range", "node_networks", "allow_loopback",
 })
 
 Report = Callable[[str, str], None]
@@ -227,6 +236,15 @@ def check_clusters(raw: Any, report_error: Report, warn: Report) -> dict[str, Cl
         if job_user is not None and c.get("submit_prefix"):
             error(f"{path}.job_user", "jobs run either as the requesting user (submit_prefix) or as job_user")
         defaults = check_resources(c.get("defaults"), f"{path}.defaults", error)
+        port_range = c.get("port_range", list(DEFAULT_PORT_RANGE))
+        if (not isinstance(port_range, list) or len(port_range) != 2
+                or not all(_is_int(p) and 1024 <= p <= 65535 for p in port_range) or port_range[0] > port_range[1]):
+            error(f"{path}.port_range", f"must be [low, high] with 1024 <= low <= high <= 65535, got {port_range!r}")
+            port_range = list(DEFAULT_PORT_RANGE)
+        node_networks = check_networks(c.get("node_networks", []), f"{path}.node_networks", error)
+        allow_loopback = c.get("allow_loopback", False)
+        if not isinstance(allow_loopback, bool):
+            error(f"{path}.allow_loopback", "must be true or false")
         submit_prefix = check_submit_prefix(c.get("submit_prefix"), access, f"{path}.submit_prefix", error, warn)
         if len(seen) != before:
             continue
@@ -234,7 +252,9 @@ def check_clusters(raw: Any, report_error: Report, warn: Report) -> dict[str, Cl
             name=name, scheduler=scheduler, job_dir=Path(job_dir), access=access, template=template,
             callback_url=callback.rstrip("/") if callback else None, python=python, node_address=node_address,
             requeue=requeue, defaults=defaults, commands=dict(commands), rest=rest, submit_prefix=submit_prefix,
-            flavor=flavor, job_user=job_user, **condor, **timings,
+            flavor=flavor, job_user=job_user, port_range=(port_range[0], port_range[1]),
+            node_networks=node_networks, allow_loopback=allow_loopback is True,
+            condor_config=condor["condor_config"], schedd=condor["schedd"], **timings,
         )
     configs = {c.condor_config for c in clusters.values() if c.scheduler == "htcondor"}
     if len(configs) > 1:  # CONDOR_CONFIG is one per process: two pools would read each other's

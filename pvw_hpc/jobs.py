@@ -255,6 +255,7 @@ def write_job_files(
     spec = {
         "session_id": session_id, "argv": argv, "env": env, "ready_line": ready_line, "port": port, "cwd": cwd,
         "callback_url": callback_url, "node_address": cluster.node_address, "idle_timeout_s": idle_timeout_s,
+        "port_range": list(cluster.port_range),
     }
     try:
         _write(files.spec, json.dumps(spec, indent=1), 0o600, ids)

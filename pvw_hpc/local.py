@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from . import procs
+from . import procs, userfiles
 from .states import SessionState
 from .store import SessionRecord, Store
 
@@ -36,16 +36,9 @@ OnChange = Callable[[str, SessionState], None]
 
 
 def log_tail(path: str | None, lines: int = 10) -> str:
-    """The last lines of a session log, for error messages."""
-    if not path:
-        return ""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - LOG_TAIL_BYTES))
-            data = fh.read()
-    except OSError:
+    """The last lines of a session log, for error messages (a job log is its user's file: see userfiles)."""
+    data = userfiles.read_tail(path, LOG_TAIL_BYTES) if path else None
+    if not data:
         return ""
     return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
 

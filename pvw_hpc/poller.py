@@ -11,14 +11,15 @@ confirmed by its exit-code file or the scheduler's history, ends a session.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import userfiles
 from .batch.base import BatchError, JobId, JobInfo, JobState, Presence
 from .jobs import job_name
 from .local import log_tail
@@ -62,6 +63,8 @@ class Poller:
         self._scans: dict[str, _LogScan] = {}
         self._failures: dict[str, int] = {}  # cluster -> consecutive failed queries
         self._reach: dict[str, _Reach] = {}  # cluster -> what the probes of its ready apps found
+        # job folders belong to the jobs' users: their files are read off this thread, with a deadline
+        self.files = userfiles.BoundedReader()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -80,6 +83,7 @@ class Poller:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        self.files.close()
 
     def _run(self) -> None:
         last_reconcile = time.monotonic()  # serve ran the startup reconcile before listening
@@ -191,6 +195,8 @@ class Poller:
         for job in with_ids:
             info = infos[JobId(job.job_id or "")]
             if info.presence == Presence.FOUND:
+                if info.node:
+                    self.service.nodes[job.id] = info.node
                 changed = {"native_state": info.native_state, "scheduler_reason": info.reason,
                            "start_estimate": info.start_estimate}
                 if any(getattr(job, k) != v for k, v in changed.items()):
@@ -203,12 +209,11 @@ class Poller:
         self.store.update_many(bookkeeping)
         if absent:
             self._confirm_absent(name, absent)
-        busy = False
         # re-read only when this cycle changed something: at 1000 idle jobs a read is most of the cost
-        for job in self.store.tracked(name) if (absent or self.moves != moves_before) else jobs:
-            if job.state in (SessionState.QUEUED, SessionState.STARTING) and job.id not in waiting:
-                self._check_marker(job)
-            busy = busy or job.state != SessionState.READY
+        current = self.store.tracked(name) if (absent or self.moves != moves_before) else jobs
+        scan = [j for j in current if j.state in (SessionState.QUEUED, SessionState.STARTING) and j.id not in waiting]
+        self._check_markers(name, scan, infos)
+        busy = any(j.state != SessionState.READY for j in current)
         return not failed, (failed[0].reason or "query failed") if failed else "", busy
 
     def _probe_ready(self, cluster: str, every_s: float, give_up_after_s: float) -> None:
@@ -260,7 +265,7 @@ class Poller:
         state = info.state
         if state in (JobState.QUEUED, JobState.HELD):
             if record.state in (SessionState.STARTING, SessionState.READY):  # requeued: the old node is gone
-                self._scans[record.id] = _LogScan(offset=_size(record.log_path))
+                self._scans[record.id] = _LogScan(offset=self.files.call(str(record.log_path), lambda: _size(record.log_path), 0))
                 self._move(record, SessionState.QUEUED, host=None, port=None)
             elif record.state == SessionState.SUBMITTED:
                 self._move(record, SessionState.QUEUED)
@@ -274,7 +279,7 @@ class Poller:
         """A job gone from the queue ends its session only when something confirms it ended."""
         unconfirmed = []
         for record in records:
-            code = _read_exit_code(record)
+            code = _exit_code(self._job_file(record, "exit_code"))
             if code is not None:
                 self._finish(cluster, record, JobInfo(JobId(record.job_id or ""), Presence.FOUND, JobState.COMPLETED,
                                              native_state="GONE", exit_code=code))
@@ -292,13 +297,13 @@ class Poller:
                             record.job_id, record.id)
 
     def _finish(self, cluster: str, record: TrackedJob, info: JobInfo) -> None:
-        exit_code = _read_exit_code(record)
+        exit_code = _exit_code(self._job_file(record, "exit_code"))
         if exit_code is None:
             exit_code = info.exit_code
         what = info.native_state or "ended"
         if info.reason:
             what += f" ({info.reason})"
-        told = _read_job_file(record, "end_reason")  # the job side's own word, e.g. stopped when idle
+        told = self._job_file(record, "end_reason")  # the job side's own word, e.g. stopped when idle
         if told:
             what += f": {told}"
         if record.state == SessionState.READY and info.state == JobState.COMPLETED:
@@ -309,7 +314,7 @@ class Poller:
                 error += f", exit code {exit_code}"
             if record.state != SessionState.READY:
                 error += " before the app was ready"
-                tail = log_tail(record.log_path)
+                tail = self.files.call(str(record.log_path), lambda: log_tail(record.log_path), "")
                 if tail:
                     error += f"; job log {record.log_path}, last lines:\n{tail}"
             self._move(record, SessionState.FAILED, exit_code=exit_code, error=error)
@@ -317,18 +322,34 @@ class Poller:
         if info.stuck and record.job_id:  # e.g. held by HTCondor: it would wait in the queue forever
             self._cancel(cluster, JobId(record.job_id), f"job {record.job_id} is stuck ({what})")
 
-    def _check_marker(self, record: TrackedJob) -> None:
-        """The job side's marker line in the job log: the fallback when callbacks cannot reach us."""
-        if not record.log_path:
-            return
-        scan = self._scans.setdefault(record.id, _LogScan())
-        for session_id, host, port in _read_markers(Path(record.log_path), scan):
-            if session_id != record.id or not is_valid_host(host) or not is_valid_port(port):
-                continue
-            if record.state == SessionState.QUEUED:  # ran and got ready between two polls
-                self._move(record, SessionState.STARTING)
-            self._move(record, SessionState.READY, host=host, port=port)
-            return
+    def _check_markers(self, cluster: str, records: list[TrackedJob], infos: dict[JobId, JobInfo]) -> None:
+        """The job side's marker lines in the job logs: the fallback when callbacks cannot reach us.
+
+        The logs are the job users' files: read on worker threads under one deadline, and a
+        marker is only believed for the job's own node and the cluster's port range.
+        """
+        records = [r for r in records if r.log_path]
+        none: list[tuple[str, str, int]] = []
+        found = self.files.many(
+            [(str(r.log_path), functools.partial(_read_markers, Path(str(r.log_path)),
+                                                 self._scans.setdefault(r.id, _LogScan()))) for r in records], none)
+        for record, markers in zip(records, found, strict=True):
+            info = infos.get(JobId(record.job_id or ""))
+            for session_id, host, port in markers:
+                if session_id != record.id or not is_valid_host(host) or not is_valid_port(port):
+                    continue
+                refused = self.service.route_refusal(cluster, info.node if info else None, host, port)
+                if refused:
+                    self.service.refuse_route(record.id, f"marker {host}:{port}", refused)
+                    continue
+                if record.state == SessionState.QUEUED:  # ran and got ready between two polls
+                    self._move(record, SessionState.STARTING)
+                self._move(record, SessionState.READY, host=host, port=port)
+                break
+
+    def _job_file(self, record: TrackedJob, name: str) -> str | None:
+        """A small job-side file of this session, or None (absent, refused, or no answer in time)."""
+        return self.files.call(f"{record.job_dir}/{name}", lambda: _read_job_file(record, name), None)
 
     def _move(self, record: TrackedJob, to: SessionState, **fields: object) -> None:
         if self.store.transition(record.id, to, **fields):
@@ -338,13 +359,12 @@ class Poller:
                 self.service.map.sync()  # the route appears (or goes) before anyone acts on the state
 
 
-def _read_markers(path: Path, scan: _LogScan) -> Iterable[tuple[str, str, int]]:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(scan.offset)
-            data = fh.read(1 << 20)
-    except OSError:
+def _read_markers(path: Path, scan: _LogScan) -> list[tuple[str, str, int]]:
+    """New marker lines since the last scan (at most 1 MiB a cycle); none when the log is refused."""
+    read = userfiles.read_range(path, scan.offset, 1 << 20)
+    if read is None:
         return []
+    data, _size = read
     scan.offset += len(data)
     window = scan.tail + data
     found = [(m.group(1).decode(), m.group(2).decode("ascii", "replace"), int(m.group(3)))
@@ -355,21 +375,17 @@ def _read_markers(path: Path, scan: _LogScan) -> Iterable[tuple[str, str, int]]:
 
 
 def _read_job_file(record: TrackedJob, name: str) -> str | None:
+    """A small file the job side writes (exit_code, end_reason), read as :mod:`userfiles` allows."""
     if not record.job_dir:
         return None
-    try:
-        return (Path(record.job_dir) / name).read_text(errors="replace").strip()[:500]
-    except OSError:
-        return None
+    text = userfiles.read_small(Path(record.job_dir) / name)
+    return text[:500] if text is not None else None
 
 
-def _read_exit_code(record: TrackedJob) -> int | None:
-    text = _read_job_file(record, "exit_code")
-    return int(text) if text and text.lstrip("-").isdigit() else None
+def _exit_code(text: str | None) -> int | None:
+    return int(text) if text and len(text) < 12 and text.lstrip("-").isdigit() else None
 
 
 def _size(path: str | None) -> int:
-    try:
-        return Path(path).stat().st_size if path else 0
-    except OSError:
-        return 0
+    read = userfiles.read_range(path, 0, 0) if path else None
+    return read[1] if read else 0

@@ -19,11 +19,12 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from . import jobs, limits
 from .auth import ANONYMOUS_USER, LOCAL_ADMIN, USER_RE, Authenticator, Identity
 from .batch import make_adapter
-from .batch.base import BatchAdapter, BatchError, JobId
+from .batch.base import BatchAdapter, BatchError, JobId, Presence
 from .batch.runner import CommandFailed
 from .config import AppConfig, LauncherConfig
 from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized, Unavailable
@@ -31,6 +32,7 @@ from .local import LocalBackend, find_unrecorded
 from .mapfile import MapWriter
 from .ports import candidates
 from .procs import terminate_group
+from .routes import RoutePolicy
 from .states import SessionState
 from .store import PortTaken, SessionRecord, Store
 from .substitute import Rendered, render, substitute
@@ -111,6 +113,9 @@ class Service:
         self.adapters: dict[str, BatchAdapter] = {name: make_adapter(c) for name, c in config.clusters.items()}
         self.auth = Authenticator(config.auth)
         self.unreachable: dict[str, str] = {}  # cluster -> why its scheduler is not answering (set by the poller)
+        self.routes = {name: RoutePolicy(c) for name, c in config.clusters.items()}
+        self.nodes: dict[str, str] = {}  # session id -> the node its job runs on, as the poller last saw it
+        self._refused: set[tuple[str, str]] = set()
         self._events: dict[str, threading.Event] = {}
         self._events_lock = threading.Lock()
 
@@ -216,6 +221,10 @@ class Service:
             raise Forbidden("this token does not belong to this session")
         if not is_valid_host(host) or not is_valid_port(port):
             raise BadRequest("'host' must be a host name or IP address and 'port' an integer 1..65535")
+        refused = self.route_refusal(record.backend, self._node_of(record), host, port)
+        if refused:
+            self.refuse_route(session_id, f"callback {host}:{port}", refused)
+            raise Forbidden(f"route {host}:{port} refused: {refused}")
         if record.state == SessionState.READY and (record.host, record.port) == (host, port):
             return session_view(record)
         if record.state in (SessionState.SUBMITTED, SessionState.QUEUED):  # ran and got ready between polls
@@ -224,6 +233,35 @@ class Service:
             raise Conflict(f"session {session_id} is {self._get(session_id).state.value}; it cannot become ready")
         self.notify(session_id, SessionState.READY)
         return session_view(self._get(session_id))
+
+    def route_refusal(self, cluster: str, node: str | None, host: str, port: int) -> str | None:
+        """Why a job's claimed ``host:port`` may not be routed to, or None (see :mod:`routes`)."""
+        policy = self.routes.get(cluster)
+        if policy is None:
+            return f"cluster {cluster!r} is not configured"
+        if policy.launcher_port is None and self.listening_url:
+            policy.launcher_port = urlsplit(self.listening_url).port
+        return policy.refusal(node, host, port)
+
+    def refuse_route(self, session_id: str, what: str, why: str) -> None:
+        """A refused route changes nothing; it is logged once per session and route (it may be an attack)."""
+        key = (session_id, what)
+        if key not in self._refused:
+            self._refused.add(key)
+            log.warning("session %s: refused the %s: %s", session_id, what, why)
+
+    def _node_of(self, record: SessionRecord) -> str | None:
+        """The node a session's job runs on: as the poller last saw it, else asked of the scheduler now."""
+        node = self.nodes.get(record.id)
+        adapter = self.adapters.get(record.backend)
+        if node is not None or adapter is None or not record.job_id:
+            return node
+        info = adapter.poll([JobId(record.job_id)]).get(JobId(record.job_id))
+        if info is None or info.presence == Presence.QUERY_FAILED:
+            raise Unavailable("the scheduler cannot say where this job runs right now; retry")
+        if info.node:
+            self.nodes[record.id] = info.node
+        return info.node
 
     def get(self, session_id: str, identity: Identity = LOCAL_ADMIN, secret: str | None = None) -> dict[str, Any]:
         if self.map.pending():  # the map agrees with the state we answer: a route for "ready", none after it

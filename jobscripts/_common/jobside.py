@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -45,11 +46,39 @@ def node_address(mode, callback_url):
         return "127.0.0.1"
 
 
-def free_port():
-    """A port free on every interface of this node right now (the app binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
+def free_port(port_range):
+    """A port of ``port_range`` free on every interface of this node now (the app binds it a moment later).
+
+    The launcher accepts routes only inside the cluster's port_range, so the port comes from it,
+    tried in random order.
+    """
+    import random
+    lo, hi = port_range
+    ports = list(range(lo, hi + 1))
+    random.shuffle(ports)
+    for port in ports[:2000]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no free port in %d-%d on this node" % (lo, hi))
+
+
+def read_own(path, limit=1 << 20):
+    """A file the launcher wrote for this job: never through a symlink, never a FIFO, bounded in size.
+
+    The folder is the job user's; whatever else runs as that user may have replaced a file.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            raise OSError("%s is not a regular file of at most %d bytes" % (path, limit))
+        return os.read(fd, limit).decode()
+    finally:
+        os.close(fd)
 
 
 def fill(text, values):
@@ -59,8 +88,10 @@ def fill(text, values):
 
 
 def write_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
+    """Replace ``path`` with ``text``: a new file (O_EXCL, no symlink followed) renamed over it."""
+    tmp = "%s.%s.tmp" % (path, os.urandom(6).hex())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as fh:
         fh.write(text)
     os.replace(tmp, path)
 
@@ -115,19 +146,22 @@ def watch_idle(proc, port, limit_s, job_dir, out, write_lock):
 
 def main():
     job_dir = os.environ["PVW_JOB_DIR"]
-    with open(os.path.join(job_dir, "spec.json")) as fh:
-        spec = json.load(fh)
+    spec = json.loads(read_own(os.path.join(job_dir, "spec.json")))
     secret_file = os.path.join(job_dir, "secret")
-    with open(secret_file) as fh:
-        secret = fh.read().strip()
-    with open(os.path.join(job_dir, "token")) as fh:
-        token = fh.read().strip()
+    secret = read_own(secret_file, 4096).strip()
+    token = read_own(os.path.join(job_dir, "token"), 4096).strip()
     try:  # a requeued job runs again: the last run's exit code is not this run's
         os.unlink(os.path.join(job_dir, "exit_code"))
     except OSError:
         pass
     host = node_address(spec["node_address"], spec.get("callback_url"))
-    port = spec.get("port") or free_port()
+    try:
+        port = spec.get("port") or free_port(spec.get("port_range") or (20000, 32767))
+    except OSError as exc:
+        sys.stdout.write("pvw-hpc: %s\n" % exc)
+        sys.stdout.flush()
+        write_atomic(os.path.join(job_dir, "exit_code"), "1\n")
+        return 1
     values = (host, str(port), secret, secret_file)
     argv = [fill(part, values) for part in spec["argv"]]
     env = dict(os.environ)
