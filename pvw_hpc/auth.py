@@ -18,6 +18,7 @@ or by the session's own secret.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import hmac
 import ipaddress
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .accounts import AccountRule, check_users_config
 from .errors import Forbidden, Unauthorized
 
 __all__ = ["Forbidden", "Unauthorized"]
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 ROLES = ("launch", "read", "admin")
 USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\Z")
 ANONYMOUS_USER = "anonymous"
+RESERVED_TOKEN_NAMES = frozenset({ANONYMOUS_USER, "local-admin"})  # names the launcher gives callers itself
+_USER_PATTERN_RE = re.compile(r"^[a-z0-9_.*?\[\]-]{1,64}\Z")
 
 
 def hash_token(token: str) -> str:
@@ -50,11 +54,28 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+def same_secret(given: str, expected: str) -> bool:
+    """Compare a presented secret with the real one as bytes, in constant time.
+
+    Header values reach us as text decoded byte by byte (latin-1): a non-ASCII
+    value must be a mismatch (401), never a TypeError (500).
+    """
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape"))
+
+
 @dataclass(frozen=True)
 class TokenEntry:
     name: str
     sha256: str
     roles: frozenset[str]
+    # the users a launch with this token may name (exact names or fnmatch patterns such as "lab-*");
+    # None: only the token's own name, so a portal's token cannot spend another user's quota by accident
+    users: tuple[str, ...] | None = None
+
+    def may_name(self, user: str) -> bool:
+        if self.users is None:
+            return user == self.name
+        return any(fnmatch.fnmatchcase(user, pattern) for pattern in self.users)
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -73,6 +94,7 @@ class AuthConfig:
     tokens: tuple[TokenEntry, ...] = ()
     token_file: Path | None = None
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    users: AccountRule = field(default_factory=AccountRule)
 
     def is_trusted_proxy(self, address: str | None) -> bool:
         """True when ``address`` (a peer's IP text) lies in ``trusted_proxies``."""
@@ -84,6 +106,25 @@ class AuthConfig:
             return False
         return any(ip in net for net in self.trusted_proxies)
 
+    def client_address(self, peer: str | None, forwarded_for: str | None) -> str | None:
+        """The client's address: the peer, or behind a trusted proxy the last X-Forwarded-For hop it added.
+
+        Hops are read from the right, skipping trusted proxies, so a client cannot
+        name its own address by sending an X-Forwarded-For of its own.
+        """
+        if not self.is_trusted_proxy(peer) or not forwarded_for:
+            return peer
+        for hop in reversed([h.strip() for h in forwarded_for.split(",")]):
+            if not hop:
+                continue
+            try:
+                ipaddress.ip_address(hop)
+            except ValueError:
+                return peer  # a hop we cannot read: count the proxy, not a guess
+            if not self.is_trusted_proxy(hop):
+                return hop
+        return peer
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -92,6 +133,8 @@ class Identity:
     name: str  # token name, or "anonymous"
     roles: frozenset[str] = field(default_factory=frozenset)
     creator_key: str | None = None  # anonymous: the browser's creator cookie, if it sent one
+    address: str | None = None  # the client's address (behind a trusted proxy: from X-Forwarded-For)
+    token: TokenEntry | None = None  # the token entry it presented, if any
 
     @property
     def anonymous(self) -> bool:
@@ -119,13 +162,21 @@ def parse_entries(raw: Any, path: str, error: Any) -> list[TokenEntry]:
         if not isinstance(name, str) or not USER_RE.match(name):
             error(f"{where}.name", "must be a short lower-case name")
             continue
+        if name in RESERVED_TOKEN_NAMES:
+            error(f"{where}.name", f"{name!r} is reserved (the launcher's name for callers without a token)")
+            continue
+        users = item.get("users")
+        if users is not None and (not isinstance(users, list) or not users
+                                  or not all(isinstance(u, str) and _USER_PATTERN_RE.match(u) for u in users)):
+            error(f"{where}.users", "must be a non-empty list of user names or patterns such as \"lab-*\" or \"*\"")
+            continue
         if not isinstance(digest, str) or not re.match(r"^[0-9a-f]{64}\Z", digest):
             error(f"{where}.sha256", "must be the hex SHA-256 of the token (pvw-hpc new-token prints it)")
             continue
         if not isinstance(roles, list) or not roles or not all(r in ROLES for r in roles):
             error(f"{where}.roles", f"must be a non-empty list of {', '.join(ROLES)}")
             continue
-        entries.append(TokenEntry(name, digest, frozenset(roles)))
+        entries.append(TokenEntry(name, digest, frozenset(roles), tuple(users) if users is not None else None))
     return entries
 
 
@@ -145,7 +196,8 @@ def check_auth(raw: Any, error: Any) -> AuthConfig:
         token_file = None
     proxies = check_networks(raw.get("trusted_proxies", []), "$.configuration.auth.trusted_proxies", error)
     return AuthConfig(anonymous=anonymous is True, tokens=tuple(tokens),
-                      token_file=Path(token_file) if token_file else None, trusted_proxies=proxies)
+                      token_file=Path(token_file) if token_file else None, trusted_proxies=proxies,
+                      users=check_users_config(raw.get("users"), error))
 
 
 def check_networks(raw: Any, path: str, error: Any) -> tuple[IPNetwork, ...]:
@@ -173,8 +225,10 @@ class Authenticator:
         self._file_mtime: int | None = None
         self._lock = threading.Lock()
 
-    def identify(self, authorization: str | None, cookies: Mapping[str, str], cookie_name: str) -> Identity:
+    def identify(self, authorization: str | None, cookies: Mapping[str, str], cookie_name: str,
+                 peer: str | None = None, forwarded_for: str | None = None) -> Identity:
         """Raises :class:`Unauthorized` for a token that matches no entry."""
+        address = self.config.client_address(peer, forwarded_for)
         if authorization:
             scheme, _, token = authorization.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
@@ -182,11 +236,11 @@ class Authenticator:
             entry = self._match(token.strip())
             if entry is None:
                 raise Unauthorized("unknown or revoked token")
-            return Identity(entry.name, entry.roles)
-        return Identity(ANONYMOUS_USER, creator_key=cookies.get(cookie_name) or None)
+            return Identity(entry.name, entry.roles, address=address, token=entry)
+        return Identity(ANONYMOUS_USER, creator_key=cookies.get(cookie_name) or None, address=address)
 
     def _match(self, token: str) -> TokenEntry | None:
-        digest = hash_token(token)
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
         found = None
         for entry in (*self.config.tokens, *self._tokens_from_file()):
             if hmac.compare_digest(entry.sha256, digest):  # no early exit: same work for every token

@@ -101,9 +101,14 @@ def main() -> None:
 @config_option
 def serve(config_file: str | None) -> None:
     """Run the launcher's REST API (production WSGI server) and its monitor."""
+    from .folders import FolderError
     from .serve import serve as run
 
-    run(_load(config_file))
+    try:
+        run(_load(config_file))
+    except FolderError as exc:
+        click.echo(f"pvw-hpc serve: refusing to start: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
 
 
 @main.command()
@@ -120,6 +125,14 @@ def check(config_file: str | None) -> None:
         click.echo(str(problem))
     if config is None:
         click.echo(f"{path}: {sum(not p.warning for p in problems)} error(s)")
+        sys.exit(EXIT_ERROR)
+    from .folders import problems as folder_problems
+
+    unsafe = folder_problems(config)
+    for why in unsafe:
+        click.echo(f"error: {why}")
+    if unsafe:
+        click.echo(f"{path}: {len(unsafe)} error(s)")
         sys.exit(EXIT_ERROR)
     click.echo(f"{path}: ok ({len(config.apps)} app(s), {len(config.resources)} resource(s))")
 

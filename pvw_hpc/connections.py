@@ -315,9 +315,12 @@ def adjustments(limits: ConnectionLimits, **where: Any) -> Adjustments:
     listening socket and wake-up pipe); poll() because select() fails on file
     descriptors above 1023, which ``max`` connections reach; ``channel_timeout``
     backs up our sweep with waitress's own (it never cuts a request in progress).
+    X-Forwarded-For is kept: :meth:`AuthConfig.client_address` believes it only from
+    ``auth.trusted_proxies`` (waitress would drop it, having no proxy configured).
     """
     return Adjustments(**where, ident="pvw-hpc", connection_limit=limits.max,
                        cleanup_interval=CLEANUP_INTERVAL_S, asyncore_use_poll=True,
+                       clear_untrusted_proxy_headers=False,
                        channel_timeout=math.ceil(max(limits.header_timeout_s, limits.idle_timeout_s)))
 
 

@@ -61,6 +61,13 @@ class Limits:
     max_walltime_s: int | None = None
     compute_hours: float | None = None  # core-hours per user per window
     window_hours: float = 168.0
+    # live anonymous sessions one client address may hold (None: max_sessions_per_user, if that is set);
+    # each anonymous browser is its own user, so without it a client that drops its cookie has no limit
+    max_anonymous_per_address: int | None = None
+
+    @property
+    def anonymous_per_address(self) -> int | None:
+        return self.max_anonymous_per_address or self.max_sessions_per_user
 
     @property
     def active(self) -> bool:
@@ -96,7 +103,8 @@ def check_limits_config(raw: Any, app_names: set[str], error: Any) -> Limits:
         error(f"{path}.max_walltime", "must be minutes or [D-]HH:MM:SS as sbatch --time reads it")
     hours = positive("compute_hours", raw.get("compute_hours"), float)
     window = positive("window_hours", raw.get("window_hours", 168.0), float) or 168.0
-    return Limits(per_user, dict(per_app), walltime_s, float(hours) if hours else None, float(window))
+    per_address = positive("max_anonymous_per_address", raw.get("max_anonymous_per_address"))
+    return Limits(per_user, dict(per_app), walltime_s, float(hours) if hours else None, float(window), per_address)
 
 
 def _until(when: dt.datetime) -> dict[str, Any]:
@@ -132,8 +140,13 @@ def core_hours_used(conn: Connection, user: str, window_hours: float,
     return total, oldest
 
 
-def guard(limits: Limits, user: str, application: str, cores: int, walltime_s: int | None):  # noqa: ANN201
-    """The check to run inside the locked insert transaction of one launch."""
+def guard(limits: Limits, user: str, application: str, cores: int, walltime_s: int | None,  # noqa: ANN201
+          creator: str | None = None, per_creator: int | None = None):
+    """The check to run inside the locked insert transaction of one launch.
+
+    ``creator``/``per_creator``: at most that many live sessions with this creator (an
+    anonymous client address), whoever owns them.
+    """
 
     def check(conn: Connection) -> None:
         if limits.max_walltime_s is not None and walltime_s is not None and walltime_s > limits.max_walltime_s:
@@ -148,6 +161,12 @@ def guard(limits: Limits, user: str, application: str, cores: int, walltime_s: i
                 raise TooManyRequests(
                     f"limit max_sessions_per_user: {user} has {count} of {limits.max_sessions_per_user} sessions; "
                     "capacity returns when one of them ends", limit="max_sessions_per_user")
+        if creator is not None and per_creator is not None:
+            count = conn.execute(select(func.count()).where(c.creator == creator, c.state.in_(active))).scalar_one()
+            if count >= per_creator:
+                raise TooManyRequests(
+                    f"limit max_anonymous_per_address: this address has {count} of {per_creator} anonymous "
+                    "sessions; capacity returns when one of them ends", limit="max_anonymous_per_address")
         per_app = limits.max_sessions_per_user_per_app.get(application)
         if per_app is not None:
             count = conn.execute(select(func.count()).where(

@@ -108,7 +108,8 @@ class LocalBackend:
         """
         assert record.log_path and record.host and record.port
         Path(record.log_path).parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(record.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        # a new file of our own: never through a link, never one someone made for us
+        fd = os.open(record.log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         try:
             popen = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT,

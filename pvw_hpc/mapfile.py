@@ -72,7 +72,9 @@ def write_map_file(path: Path, routes: Iterable[Route]) -> bool:
     """Atomically replace ``path`` with ``routes``; False when the content was already current."""
     text = format_routes(_safe_routes(routes))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
+    lock_fd = os.open(path.with_name(path.name + ".lock"),
+                      os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(lock_fd, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             old = path.stat()

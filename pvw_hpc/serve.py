@@ -16,6 +16,7 @@ import signal
 import sys
 from types import FrameType
 
+from . import folders
 from .api import create_app
 from .api.fast_get import FastSessionGet
 from .config import LauncherConfig
@@ -27,19 +28,31 @@ from .service import Service
 log = logging.getLogger("pvw_hpc")
 
 
+class _OwnFileHandler(logging.FileHandler):
+    """The launcher's log: appended without following a symlink (O_NOFOLLOW), created 0640."""
+
+    def _open(self):  # type: ignore[no-untyped-def]  # logging's own signature
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
 def setup_logging(config: LauncherConfig) -> None:
-    config.log_dir.mkdir(parents=True, exist_ok=True)
+    """Log to stderr and ``<log_dir>/launcher.log`` (the folders are checked by :func:`folders.prepare`)."""
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(config.log_dir / "launcher.log")):
+    for handler in (logging.StreamHandler(sys.stderr), _OwnFileHandler(config.log_dir / "launcher.log")):
         handler.setFormatter(fmt)
         root.addHandler(handler)
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "task queue depth" is noise here
 
 
 def serve(config: LauncherConfig) -> None:
-    """Run until SIGTERM/SIGINT; prints the listening URL on stdout once it is bound."""
+    """Run until SIGTERM/SIGINT; prints the listening URL on stdout once it is bound.
+
+    Raises :class:`folders.FolderError` before anything is written when a folder is not safe.
+    """
+    folders.prepare(config)
     setup_logging(config)
     if config.pin_cpu:  # before any thread starts, so all of them inherit it
         cpu = max(os.sched_getaffinity(0))

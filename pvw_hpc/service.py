@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import jobs, limits
-from .auth import ANONYMOUS_USER, LOCAL_ADMIN, USER_RE, Authenticator, Identity
+from .auth import ANONYMOUS_USER, LOCAL_ADMIN, USER_RE, Authenticator, Identity, same_secret
 from .batch import make_adapter
 from .batch.base import BatchAdapter, BatchError, JobId, Presence
 from .batch.runner import CommandFailed
@@ -56,15 +56,28 @@ class LaunchResult:
 
 @dataclass(frozen=True)
 class Requester:
-    """Who a launch is for, and what it costs: decided once, before anything is written."""
+    """Who a launch is for, and what it costs: decided once, before anything is written.
+
+    ``user`` is ``${user}`` and the account a run-as-user job runs as; ``owner`` is who the
+    limits and usage count it for: the user, or for an anonymous browser its own creator
+    key (so one browser cannot spend every other browser's quota); ``creator`` is the
+    token name, or ``anonymous@<client address>`` (the per-address anonymous limit).
+    """
 
     user: str
+    owner: str
     creator: str
     creator_hash: str | None
     creator_key: str | None
+    anonymous: bool = False
+
+    def guard(self, config: LauncherConfig, application: str, cores: int, walltime_s: int | None) -> Any:
+        per_address = config.limits.anonymous_per_address if self.anonymous else None
+        return limits.guard(config.limits, self.owner, application, cores, walltime_s,
+                            creator=self.creator if per_address else None, per_creator=per_address)
 
 def sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def session_url(record: SessionRecord) -> str:
@@ -174,6 +187,7 @@ class Service:
         if not isinstance(payload, dict):
             raise BadRequest("the request body must be a JSON object")
         app = self._app(payload.get("application"))
+        self._check_account(requester, app)
         if wait is None:
             wait = payload.get("wait", True)
             if not isinstance(wait, bool):
@@ -385,11 +399,11 @@ class Service:
         body = jobs.render_body(cluster, session_id, resources)
         files = jobs.job_files(cluster, session_id)
         record = self.store.create(
-            guard=limits.guard(self.config.limits, requester.user, app.name, cores, walltime_s),
+            guard=requester.guard(self.config, app.name, cores, walltime_s),
             id=session_id, application=app.name, backend=cluster.name, holds_port=False, secret=secret,
             argv=list(rendered.argv), session_url=rendered.session_url, public=self._public(payload, rendered),
             return_secret=self._app_gets_secret(app), log_path=str(files.log), job_dir=str(files.dir),
-            token_hash=sha256(token), attach_hash=sha256(attach), owner=requester.user, creator=requester.creator,
+            token_hash=sha256(token), attach_hash=sha256(attach), owner=requester.owner, creator=requester.creator,
             creator_hash=requester.creator_hash, cores=cores,
         )
         try:
@@ -456,13 +470,33 @@ class Service:
             if not self.config.auth.anonymous:
                 raise Unauthorized("this launcher needs a bearer token to launch (anonymous launches are off)")
             key = identity.creator_key or secrets.token_urlsafe(24)
-            return Requester(ANONYMOUS_USER, ANONYMOUS_USER, sha256(key), key)
+            digest = sha256(key)
+            return Requester(ANONYMOUS_USER, f"{ANONYMOUS_USER}:{digest[:16]}", f"{ANONYMOUS_USER}@{identity.address}",
+                             digest, key, anonymous=True)
         if not identity.has("launch"):
             raise Forbidden(f"token {identity.name!r} may not launch sessions (role 'launch' needed)")
         user = identity.name if named is None else named
         if not isinstance(user, str) or not USER_RE.match(user):
             raise BadRequest("'user' must be a user name (lower-case letters, digits, '_', '-', '.')")
-        return Requester(user, identity.name, None, None)
+        entry = identity.token
+        if entry is not None and user != identity.name and not (
+                entry.may_name(user) if entry.users is not None else identity.has("admin")):
+            raise Forbidden(f"token {identity.name!r} may not launch for user {user!r} "
+                            "(its entry's 'users' does not allow it)")
+        return Requester(user, user, identity.name, None, None)
+
+    def _check_account(self, requester: Requester, app: AppConfig) -> None:
+        """Refuse a user the site does not allow (system accounts, outside the group) before any row exists."""
+        cluster = self.config.clusters.get(app.cluster) if app.cluster else None
+        runs_as = bool(cluster and cluster.submit_prefix)
+        if requester.anonymous:
+            if runs_as:
+                raise Unauthorized(f"jobs of {app.name!r} run as the requesting user: launch with a token "
+                                   "that names the user")
+            return
+        refused = self.config.auth.users.refusal(requester.user, runs_as)
+        if refused:
+            raise Forbidden(refused)
 
     @staticmethod
     def _owns(record: SessionRecord, identity: Identity) -> bool:
@@ -475,7 +509,7 @@ class Service:
         """Admins see and stop all; readers see all; creators (token, cookie or secret) their own."""
         if identity.has("admin") or (not stop and identity.has("read")) or self._owns(record, identity):
             return
-        if secret and hmac.compare_digest(record.secret, secret):
+        if secret and same_secret(secret, record.secret):
             return
         if identity.anonymous:
             raise Unauthorized("send a bearer token, the creator cookie, or the session's secret "
@@ -508,8 +542,8 @@ class Service:
                                                           "secret": secret, "user": requester.user})
             try:
                 record = self.store.create(
-                    guard=limits.guard(self.config.limits, requester.user, app.name, 1, None),
-                    owner=requester.user, creator=requester.creator, creator_hash=requester.creator_hash, cores=1,
+                    guard=requester.guard(self.config, app.name, 1, None),
+                    owner=requester.owner, creator=requester.creator, creator_hash=requester.creator_hash, cores=1,
                     id=session_id, application=app.name, backend="local", host=host, port=port,
                     holds_port=True, secret=secret, argv=list(rendered.argv), session_url=rendered.session_url,
                     public=self._public(payload, rendered), return_secret=rendered.secret_in_argv,

@@ -26,7 +26,7 @@ PORTAL, READER = "portal-token-for-tests", "reader-token-for-tests"
 def auth(anonymous: bool) -> dict:
     return {"anonymous": anonymous, "tokens": [
         {"name": "test-admin", "sha256": hash_token(ADMIN_TOKEN), "roles": ["admin"]},
-        {"name": "portal", "sha256": hash_token(PORTAL), "roles": ["launch"]},
+        {"name": "portal", "sha256": hash_token(PORTAL), "roles": ["launch"], "users": ["*"]},
         {"name": "reader", "sha256": hash_token(READER), "roles": ["read"]},
     ]}
 

@@ -445,7 +445,7 @@ def test_a_launch_for_a_user_runs_as_that_user_end_to_end(launcher: LauncherFact
     app = {"cluster": "slurm", "cmd": ["/usr/bin/python3", "-m", "http.server", "${port}", "--bind", "${host}"]}
     lau = launcher(
         configuration={"auth": {"anonymous": False, "tokens": [
-            {"name": "portal", "sha256": hash_token(portal), "roles": ["launch"]},
+            {"name": "portal", "sha256": hash_token(portal), "roles": ["launch"], "users": [JOB_USER]},
             {"name": "test-admin", "sha256": hash_token(ADMIN_TOKEN), "roles": ["admin"]}]}},
         clusters={"slurm": {"scheduler": "slurm", "poll_fast_s": 0.3,
                             "submit_prefix": [*AS_SERVICE, *SUDO_PREFIX]}},

@@ -49,7 +49,8 @@ class FastSessionGet:
         if not is_session_id(session_id):
             return self.app(environ, start_response)
         try:
-            identity = self.service.auth.identify(environ.get("HTTP_AUTHORIZATION"), _cookies(environ), CREATOR_COOKIE)
+            identity = self.service.auth.identify(environ.get("HTTP_AUTHORIZATION"), _cookies(environ), CREATOR_COOKIE,
+                                                  environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"))
             status, body = 200, self.service.get(session_id, identity, environ.get("HTTP_X_SESSION_SECRET"))
         except LaunchError as exc:
             status, body = exc.status, exc.body()

@@ -23,7 +23,8 @@ SECRET_HEADER = "X-Session-Secret"
 
 def identify() -> Identity:
     """The caller: a bearer token, or an anonymous browser (with its creator cookie, if any)."""
-    return current_service().auth.identify(request.headers.get("Authorization"), request.cookies, CREATOR_COOKIE)
+    return current_service().auth.identify(request.headers.get("Authorization"), request.cookies, CREATOR_COOKIE,
+                                           request.remote_addr, request.headers.get("X-Forwarded-For"))
 
 
 def set_cookies(response: Response, endpoint: str, attach: str | None, creator: str | None = None) -> Response:
