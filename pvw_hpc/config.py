@@ -262,6 +262,11 @@ class _Checker:
         for name, app in apps.items():
             if app.cluster is not None and app.cluster not in clusters:
                 self.error(f"$.apps.{name}.cluster", f"no cluster {app.cluster!r} in $.clusters")
+            elif app.cluster is not None and app.port is not None:
+                lo, hi = clusters[app.cluster].port_range
+                if not lo <= app.port <= hi:
+                    self.error(f"$.apps.{name}.port", f"must lie in cluster {app.cluster!r}'s port_range {lo}-{hi} "
+                                                      "(routes outside it are refused)")
         auth = check_auth(conf.get("auth"), self.error)
         keep_ended = conf.get("keep_ended", 7 * 86400)
         if not isinstance(keep_ended, (int, float)) or isinstance(keep_ended, bool) or keep_ended < 0:

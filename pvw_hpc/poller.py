@@ -231,6 +231,7 @@ class Poller:
             return
         reach.last_probe = now
         ready = [j for j in self.store.tracked(cluster) if j.state == SessionState.READY and j.host and j.port]
+        ready = [j for j in ready if not self._route_now_refused(cluster, j)]
         address = {j.id: (str(j.host), int(j.port or 0)) for j in ready}
         answers = reachable(address.values(), timeout_s=PROBE_TIMEOUT_S)
         if len({j.host for j in ready}) > 1 and not any(answers.values()):
@@ -259,6 +260,19 @@ class Poller:
         reach.answered &= live
         for session_id in set(reach.silent_since) - live:
             del reach.silent_since[session_id]
+
+    def _route_now_refused(self, cluster: str, job: TrackedJob) -> bool:
+        """A ready route that the rules refuse (the config changed since) is never probed as alive: it is failed.
+
+        Judged only once the poller knows the job's node, so a restart never fails a session on a guess.
+        """
+        node = self.service.nodes.get(job.id)
+        if node is None:
+            return False
+        why = self.service.route_refusal(cluster, node, str(job.host), int(job.port or 0))
+        if why and self.service.lose(job.id, f"its route {job.host}:{job.port} is refused: {why}; the job was cancelled"):
+            self.moves += 1
+        return why is not None
 
     def _apply(self, cluster: str, record: TrackedJob, info: JobInfo) -> None:
         """Move one session according to what the scheduler says about its job."""

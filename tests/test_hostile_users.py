@@ -216,6 +216,22 @@ def test_loopback_routes_need_allow_loopback(launcher: LauncherFactory) -> None:
     assert lau.get(sid).json()["host"] is None and lau.map_lines() == []
 
 
+@needs_slurm
+def test_a_ready_route_the_rules_now_refuse_is_not_probed_as_alive(launcher: LauncherFactory) -> None:
+    lau = launcher(clusters={"slurm": {"scheduler": "slurm", "poll_fast_s": 0.3, "probe_every_s": 1}},
+                   apps={"demo": SLURM_DEMO_APP})
+    sid = lau.launch()["id"]
+    port = lau.get(sid).json()["port"]
+    assert 20000 <= port <= 32767  # the job side picked it from the default port_range
+    # the admin narrows port_range so that this route falls outside it, and restarts the launcher
+    lau.config["clusters"]["slurm"]["port_range"] = [port + 1, port + 100]
+    lau.config_path.write_text(json.dumps(lau.config))
+    lau.restart()
+    wait_for(lambda: lau.state(sid) == "failed", 30, "the probe to fail the session whose route is refused")
+    assert "is outside the cluster's port_range" in lau.get(sid).json()["error"]
+    assert lau.map_lines() == []
+
+
 # -- 5. folders ---------------------------------------------------------------------------------------------
 
 

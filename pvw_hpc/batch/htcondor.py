@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .. import userfiles
 from .base import BatchError, JobId, JobInfo, JobScript, JobState, Presence, failed_query
 
 EVENT_LOG = "events.log"  # in the job's initialdir; the template's ``log =`` names the same file
@@ -59,6 +60,15 @@ def bindings(condor_config: str | None) -> Any:
             htcondor2.reload_config()
         _configured_for = condor_config
     return htcondor2
+
+
+def _is_own_regular_file(path: Path) -> bool:
+    """The event log lives in the job's folder (job_user's): the bindings open it by name, so check it first."""
+    try:
+        os.close(userfiles.open_checked(path))
+    except OSError:
+        return False
+    return True
 
 
 def node_of(slot: str | None) -> str | None:
@@ -186,8 +196,8 @@ class HTCondorAdapter:
     def _read(self, follow: _Follow) -> None:
         """Apply the events appended since the last read (never blocks)."""
         if follow.log is None:
-            if not follow.path.exists():
-                return
+            if not follow.path.exists() or not _is_own_regular_file(follow.path):
+                return  # not there yet, or not a file the schedd wrote (a link, a FIFO): the queue still answers
             follow.log = self.htcondor.JobEventLog(str(follow.path))
         types = self.htcondor.JobEventType
         for event in follow.log.events(stop_after=0):
