@@ -20,9 +20,9 @@ import stat
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import requests
@@ -46,8 +46,18 @@ PORTAL = "portal-token-hostile-tests"
 IS_ROOT = os.geteuid() == 0
 # runs as the job user and never becomes ready: its folder is the attacker's playground
 NEVER_READY = {"cmd": ["/bin/sh", "-c", "echo started; exec sleep 300"], "ready_line": "never printed"}
-needs_chain = pytest.mark.skipif(chain_reason() is not None, reason=str(chain_reason()))
-needs_slurm = pytest.mark.skipif(slurm_reason() is not None, reason=str(slurm_reason()))
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _needs(reason: str | None) -> Callable[[F], F]:
+    """Marked ``slurm`` (left out of the fast loop) and skipped, with the reason, where SLURM cannot run."""
+    def mark(test: F) -> F:
+        return pytest.mark.slurm(pytest.mark.skipif(reason is not None, reason=str(reason))(test))  # type: ignore[no-any-return]
+    return mark
+
+
+needs_chain = _needs(chain_reason())
+needs_slurm = _needs(slurm_reason())
 
 
 def bearer(token: str) -> dict[str, str]:
