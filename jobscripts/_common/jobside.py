@@ -49,14 +49,14 @@ def node_address(mode, callback_url):
 def free_port(port_range):
     """A port of ``port_range`` free on every interface of this node now (the app binds it a moment later).
 
-    The launcher accepts routes only inside the cluster's port_range, so the port comes from it,
-    tried in random order.
+    The launcher accepts routes only inside the cluster's port_range, so the port comes from it:
+    tried in order from a random start (two sessions starting together rarely try the same one).
     """
-    import random
     lo, hi = port_range
-    ports = list(range(lo, hi + 1))
-    random.shuffle(ports)
-    for port in ports[:2000]:
+    span = hi - lo + 1
+    start = int.from_bytes(os.urandom(4), "big") % span
+    for i in range(min(span, 4096)):
+        port = lo + (start + i) % span
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind(("", port))
