@@ -128,7 +128,7 @@ class Service:
         self.unreachable: dict[str, str] = {}  # cluster -> why its scheduler is not answering (set by the poller)
         self.routes = {name: RoutePolicy(c) for name, c in config.clusters.items()}
         self.nodes: dict[str, str] = {}  # session id -> the node its job runs on, as the poller last saw it
-        self._refused: set[tuple[str, str]] = set()
+        self._refused: dict[str, set[str]] = {}  # session id -> refused routes already logged
         self._events: dict[str, threading.Event] = {}
         self._events_lock = threading.Lock()
 
@@ -259,9 +259,9 @@ class Service:
 
     def refuse_route(self, session_id: str, what: str, why: str) -> None:
         """A refused route changes nothing; it is logged once per session and route (it may be an attack)."""
-        key = (session_id, what)
-        if key not in self._refused:
-            self._refused.add(key)
+        logged = self._refused.setdefault(session_id, set())
+        if what not in logged:
+            logged.add(what)
             log.warning("session %s: refused the %s: %s", session_id, what, why)
 
     def _node_of(self, record: SessionRecord) -> str | None:
@@ -575,6 +575,9 @@ class Service:
     def notify(self, session_id: str, state: SessionState) -> None:
         """A session changed state: rewrite the map (coalesced; a no-op when unchanged), wake waiters."""
         self.map.request()
+        if state in (SessionState.ENDED, SessionState.FAILED):  # what was kept about its job is of no more use
+            self.nodes.pop(session_id, None)
+            self._refused.pop(session_id, None)
         with self._events_lock:
             event = self._events.get(session_id)
         if event is not None:

@@ -209,6 +209,7 @@ def test_forged_routes_are_refused(launcher: LauncherFactory) -> None:
     resp = requests.post(f"{lau.endpoint}/{sid}/ready", json={"host": "127.0.0.1", "port": low + 7},
                          headers=bearer(token), timeout=30)
     assert resp.status_code == 200 and resp.json()["state"] == "ready"
+    assert lau.get(sid).json()["port"] == low + 7  # a GET waits for the map rewrite the change requested
     assert lau.map_lines() == [f"{sid} 127.0.0.1:{low + 7}"]
 
 
