@@ -5,9 +5,10 @@ The requested user becomes ``${user}`` in command lines and, on a cluster with
 launch token that could name ``munge`` would get a job that reads munge.key and
 forges credentials for every uid on the cluster; ``slurm``, ``daemon`` or
 ``nobody`` are no better. So by default only ordinary login accounts qualify:
-uid between ``UID_MIN`` and ``UID_MAX`` of ``/etc/login.defs`` (1000..60000 on
-Debian), not in a deny list, and, when ``auth.users.group`` is set, members of
-that group.
+uid from ``UID_MIN`` of ``/etc/login.defs`` (1000 on Debian) up, not nobody's or
+systemd's dynamic uids, not in a deny list, and, when ``auth.users.group`` is
+set, members of that group. There is no upper bound unless ``max_uid`` sets one:
+campus directory (LDAP, SSSD, AD) users often have uids above 200000.
 
 A name that is no local account at all is only a label (limits, usage); it is
 refused where a job would run as it.
@@ -28,11 +29,15 @@ DEFAULT_DENY = frozenset({
     "pbs", "postgres", "www-data", "sshd", "messagebus", "systemd-network", "systemd-resolve",
 })
 USERS_KEYS = ("min_uid", "max_uid", "deny", "group")
+# no upper bound by default (directory users often have uids far above login.defs' UID_MAX), but never
+# nobody/nogroup's or the overflow uids, nor systemd's DynamicUser range
+NOBODY_UIDS = frozenset({65534, 4294967294, 4294967295})
+SYSTEMD_DYNAMIC_UIDS = (61184, 65519)
 
 
 @functools.lru_cache(maxsize=1)
 def login_defs_uid_range(path: str = LOGIN_DEFS) -> tuple[int, int]:
-    """``UID_MIN`` and ``UID_MAX`` of login.defs (1000 and 60000 when absent or unreadable)."""
+    """``UID_MIN`` and ``UID_MAX`` of login.defs (1000 and 60000 when absent or unreadable); only the first is a default."""
     found = {"UID_MIN": 1000, "UID_MAX": 60000}
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
@@ -50,7 +55,7 @@ class AccountRule:
     """``auth.users``: the accounts a launch may name (see the module docstring)."""
 
     min_uid: int | None = None  # None: login.defs' UID_MIN
-    max_uid: int | None = None  # None: login.defs' UID_MAX
+    max_uid: int | None = None  # None: no upper bound
     deny: frozenset[str] = field(default_factory=lambda: DEFAULT_DENY)
     group: str | None = None
 
@@ -64,12 +69,13 @@ class AccountRule:
             if runs_as or self.group:
                 return f"user {name!r} is not an account on the launcher's machine"
             return None
-        low, high = login_defs_uid_range()
-        low = self.min_uid if self.min_uid is not None else low
-        high = self.max_uid if self.max_uid is not None else high
-        if not low <= entry.pw_uid <= high:
-            return (f"user {name!r} has uid {entry.pw_uid}, outside {low}..{high} (login.defs UID_MIN..UID_MAX): "
-                    "a system account; launches may not name it")
+        low = self.min_uid if self.min_uid is not None else login_defs_uid_range()[0]
+        uid = entry.pw_uid
+        if uid < low or (self.max_uid is not None and uid > self.max_uid):
+            top = f"..{self.max_uid}" if self.max_uid is not None else " and up"
+            return f"user {name!r} has uid {uid}, outside {low}{top}: a system account; launches may not name it"
+        if uid in NOBODY_UIDS or SYSTEMD_DYNAMIC_UIDS[0] <= uid <= SYSTEMD_DYNAMIC_UIDS[1]:
+            return f"user {name!r} has uid {uid}, a placeholder or dynamic service uid; launches may not name it"
         if self.group and not _in_group(entry, self.group):
             return f"user {name!r} is not in group {self.group!r}"
         return None

@@ -47,7 +47,7 @@ _USER_PATTERN_RE = re.compile(r"^[a-z0-9_.*?\[\]-]{1,64}\Z")
 
 
 def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    return hashlib.sha256(as_bytes(token)).hexdigest()
 
 
 def new_token() -> str:
@@ -60,7 +60,12 @@ def same_secret(given: str, expected: str) -> bool:
     Header values reach us as text decoded byte by byte (latin-1): a non-ASCII
     value must be a mismatch (401), never a TypeError (500).
     """
-    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape"))
+    return hmac.compare_digest(as_bytes(given), as_bytes(expected))
+
+
+def as_bytes(text: str) -> bytes:
+    """Any text as bytes, never an error (lone surrogates included): for hashing and comparing credentials."""
+    return text.encode("utf-8", "surrogatepass")
 
 
 @dataclass(frozen=True)
@@ -240,7 +245,7 @@ class Authenticator:
         return Identity(ANONYMOUS_USER, creator_key=cookies.get(cookie_name) or None, address=address)
 
     def _match(self, token: str) -> TokenEntry | None:
-        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+        digest = hash_token(token)
         found = None
         for entry in (*self.config.tokens, *self._tokens_from_file()):
             if hmac.compare_digest(entry.sha256, digest):  # no early exit: same work for every token

@@ -49,6 +49,17 @@ def _load(config_file: str | None) -> Any:
         sys.exit(EXIT_ERROR)
 
 
+def _prepare_folders(config: Any) -> None:
+    """As ``serve`` does: the in-process CLI writes in the same folders, as the same (root) user."""
+    from .folders import FolderError, prepare
+
+    try:
+        prepare(config)
+    except FolderError as exc:
+        click.echo(f"pvw-hpc: refusing to write: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+
+
 class _Connection:
     """A client plus the in-process service to close, if any."""
 
@@ -61,7 +72,7 @@ class _Connection:
             self.service = Service(_load(config_file))
             self.poller: Poller | None = None
             if threads:  # a launch needs the monitor, poller and map writer, not a recovery pass
-                self.service.config.log_dir.mkdir(parents=True, exist_ok=True)
+                _prepare_folders(self.service.config)
                 self.service.map.start()
                 self.service.local.start_monitor()
                 self.poller = Poller(self.service)
@@ -204,7 +215,9 @@ def new_token_cmd(name: str, roles: tuple[str, ...]) -> None:
 @config_option
 def flush_map(config_file: str | None) -> None:
     """Rebuild the map file from the database."""
-    service = Service(_load(config_file))
+    config = _load(config_file)
+    _prepare_folders(config)
+    service = Service(config)
     try:
         count = service.flush_map()
     finally:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
+from .accounts import login_defs_uid_range
 from .config import LauncherConfig
 
 
@@ -49,6 +50,8 @@ def launcher_folders(config: LauncherConfig) -> list[Folder]:
     database = database_file(config.database_url)
     if database is not None:
         folders.append(Folder(database.parent, "the folder of the database"))
+    if config.auth.token_file is not None:  # whoever may change it may give themselves an admin token
+        folders.append(Folder(config.auth.token_file.parent, "the folder of configuration.auth.token_file"))
     for name, cluster in config.clusters.items():
         folders.append(Folder(cluster.job_dir, f"clusters.{name}.job_dir"))
     unique: dict[Path, Folder] = {}
@@ -70,6 +73,11 @@ def _user(uid: int) -> str:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return f"uid {uid}"
+
+
+def _system_group(gid: int, ancestor: bool) -> bool:
+    """A group-writable ancestor is fine when its group is a system one (Ubuntu's /var/log is root:syslog 0775)."""
+    return ancestor and (gid == 0 or gid < login_defs_uid_range()[0])
 
 
 def problem(path: Path, what: str) -> str | None:
@@ -102,12 +110,12 @@ def problem(path: Path, what: str) -> str | None:
                 return (f"{what}: {level} is owned by {_user(info.st_uid)}, not by root or the launcher's user "
                         f"({_user(os.geteuid())}); another user could swap the launcher's files there. Use a "
                         f"folder root owns (chown root {level}) or move it, e.g. under /var/lib/pvw-hpc")
-            writable = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            writable = info.st_mode & (stat.S_IWOTH | (0 if _system_group(info.st_gid, level != chain) else stat.S_IWGRP))
             sticky = info.st_mode & stat.S_ISVTX
             if writable and (level == chain or not sticky):
                 return (f"{what}: {level} is writable by {'others' if info.st_mode & stat.S_IWOTH else 'its group'} "
                         f"(mode {stat.S_IMODE(info.st_mode):04o}); another user could plant links there. "
-                        f"chmod go-w {level}, or use a folder of its own such as /var/lib/pvw-hpc")
+                        "Use a folder of the launcher's own, such as /var/lib/pvw-hpc/<name>")
     return None
 
 
@@ -131,15 +139,31 @@ def prepare(config: LauncherConfig) -> None:
     """Create and check every folder of the launcher (``serve`` calls this before it writes anything)."""
     for folder in launcher_folders(config):
         ensure(folder)
-    database = database_file(config.database_url)
-    if database is not None and database.is_symlink():
-        raise FolderError(f"the database {database} is a symlink; the launcher opens only its own file")
+    unsafe = file_problems(config)
+    if unsafe:
+        raise FolderError(unsafe[0])
 
 
 def problems(config: LauncherConfig) -> list[str]:
     """What ``pvw-hpc check`` reports about the folders (nothing is created)."""
     found = [why for folder in launcher_folders(config) if (why := problem(folder.path, folder.what))]
+    return found + file_problems(config)
+
+
+def file_problems(config: LauncherConfig) -> list[str]:
+    """The database and the token file themselves: no symlink, and nobody else may write the token file."""
+    found = []
     database = database_file(config.database_url)
     if database is not None and database.is_symlink():
         found.append(f"the database {database} is a symlink; the launcher opens only its own file")
+    token_file = config.auth.token_file
+    if token_file is not None:
+        try:
+            info = os.lstat(token_file)
+        except OSError:
+            info = None
+        if info is not None and (stat.S_ISLNK(info.st_mode) or info.st_uid not in (0, os.geteuid())
+                                 or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+            found.append(f"configuration.auth.token_file: {token_file} must be a file of root or the launcher's "
+                         f"user that nobody else may write (chown root {token_file}; chmod 0600 {token_file})")
     return found

@@ -114,7 +114,10 @@ class Housekeeper:
             cluster = config.clusters.get(record.backend)
             # only paths this launcher made: <cluster job_dir>/<id> and <log_dir>/<id>.txt
             if cluster is not None and record.job_dir and Path(record.job_dir) == cluster.job_dir / record.id:
-                shutil.rmtree(record.job_dir, ignore_errors=True)
+                try:  # the folder is the job user's: it may be nested past Python's recursion limit
+                    shutil.rmtree(record.job_dir, ignore_errors=True)
+                except (RecursionError, OSError) as exc:
+                    log.warning("could not remove the job folder %s of session %s: %r", record.job_dir, record.id, exc)
             if record.log_path and Path(record.log_path) == config.log_dir / f"{record.id}.txt":
                 Path(record.log_path).unlink(missing_ok=True)
         self.service.store.delete([r.id for r in old])

@@ -231,7 +231,7 @@ class Poller:
             return
         reach.last_probe = now
         ready = [j for j in self.store.tracked(cluster) if j.state == SessionState.READY and j.host and j.port]
-        ready = [j for j in ready if not self._route_now_refused(cluster, j)]
+        ready = [j for j in ready if not self._fail_refused_route(cluster, j)]
         address = {j.id: (str(j.host), int(j.port or 0)) for j in ready}
         answers = reachable(address.values(), timeout_s=PROBE_TIMEOUT_S)
         if len({j.host for j in ready}) > 1 and not any(answers.values()):
@@ -261,15 +261,13 @@ class Poller:
         for session_id in set(reach.silent_since) - live:
             del reach.silent_since[session_id]
 
-    def _route_now_refused(self, cluster: str, job: TrackedJob) -> bool:
-        """A ready route that the rules refuse (the config changed since) is never probed as alive: it is failed.
+    def _fail_refused_route(self, cluster: str, job: TrackedJob) -> bool:
+        """Fail a ready session whose stored route the rules now refuse (the config changed): it is never probed.
 
-        Judged only once the poller knows the job's node, so a restart never fails a session on a guess.
+        Only the rules that need no name lookup are applied here (port range, loopback, the
+        launcher's own addresses), so a resolver hiccup can never fail a session.
         """
-        node = self.service.nodes.get(job.id)
-        if node is None:
-            return False
-        why = self.service.route_refusal(cluster, node, str(job.host), int(job.port or 0))
+        why = self.service.static_route_refusal(cluster, str(job.host), int(job.port or 0))
         if why and self.service.lose(job.id, f"its route {job.host}:{job.port} is refused: {why}; the job was cancelled"):
             self.moves += 1
         return why is not None
@@ -280,6 +278,7 @@ class Poller:
         if state in (JobState.QUEUED, JobState.HELD):
             if record.state in (SessionState.STARTING, SessionState.READY):  # requeued: the old node is gone
                 self._scans[record.id] = _LogScan(offset=self.files.call(str(record.log_path), lambda: _size(record.log_path), 0))
+                self.service.nodes.pop(record.id, None)  # it runs somewhere else next
                 self._move(record, SessionState.QUEUED, host=None, port=None)
             elif record.state == SessionState.SUBMITTED:
                 self._move(record, SessionState.QUEUED)
@@ -343,16 +342,23 @@ class Poller:
         marker is only believed for the job's own node and the cluster's port range.
         """
         records = [r for r in records if r.log_path]
-        none: list[tuple[str, str, int]] = []
-        found = self.files.many(
-            [(str(r.log_path), functools.partial(_read_markers, Path(str(r.log_path)),
-                                                 self._scans.setdefault(r.id, _LogScan()))) for r in records], none)
-        for record, markers in zip(records, found, strict=True):
+        scans = [self._scans.setdefault(r.id, _LogScan()) for r in records]
+        late = None
+        found = self.files.many([(str(r.log_path), functools.partial(_read_markers, Path(str(r.log_path)), scan))
+                                 for r, scan in zip(records, scans, strict=True)], late)
+        for record, answer in zip(records, found, strict=True):
+            if answer is None:
+                continue  # no answer in time: the same bytes are read again next cycle
+            markers, moved = answer
             info = infos.get(JobId(record.job_id or ""))
+            node = info.node if info else None
+            if node is None and markers:
+                continue  # where the job runs is not known yet: read these lines again once it is
+            self._scans[record.id] = moved
             for session_id, host, port in markers:
                 if session_id != record.id or not is_valid_host(host) or not is_valid_port(port):
                     continue
-                refused = self.service.route_refusal(cluster, info.node if info else None, host, port)
+                refused = self.service.route_refusal(cluster, node, host, port)
                 if refused:
                     self.service.refuse_route(record.id, f"marker {host}:{port}", refused)
                     continue
@@ -373,19 +379,21 @@ class Poller:
                 self.service.map.sync()  # the route appears (or goes) before anyone acts on the state
 
 
-def _read_markers(path: Path, scan: _LogScan) -> list[tuple[str, str, int]]:
-    """New marker lines since the last scan (at most 1 MiB a cycle); none when the log is refused."""
+def _read_markers(path: Path, scan: _LogScan) -> tuple[list[tuple[str, str, int]], _LogScan]:
+    """Marker lines after ``scan`` (at most 1 MiB a cycle) and the scan position after them.
+
+    Pure: it runs on a reader thread and may answer too late, so the poller decides
+    whether the new position is kept.
+    """
     read = userfiles.read_range(path, scan.offset, 1 << 20)
     if read is None:
-        return []
+        return [], scan
     data, _size = read
-    scan.offset += len(data)
     window = scan.tail + data
     found = [(m.group(1).decode(), m.group(2).decode("ascii", "replace"), int(m.group(3)))
              for m in _MARKER_RE.finditer(window)]
     cut = window.rfind(b"\n")
-    scan.tail = window[cut + 1:][-256:] if cut >= 0 else window[-256:]
-    return found
+    return found, _LogScan(offset=scan.offset + len(data), tail=window[cut + 1:][-256:] if cut >= 0 else window[-256:])
 
 
 def _read_job_file(record: TrackedJob, name: str) -> str | None:

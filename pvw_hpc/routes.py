@@ -17,21 +17,19 @@ sshd. A claimed route is accepted only when
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import ipaddress
 import re
 import socket
-import struct
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from .clusters import ClusterConfig
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _RESOLVE_TTL_S = 60.0
-_SIOCGIFADDR = 0x8915
-_resolved: dict[str, tuple[float, frozenset[IPAddress]]] = {}
+_resolved: dict[str, tuple[float, frozenset[IPAddress], str | None]] = {}
 
 
 def expand_nodes(node: str) -> list[str]:
@@ -56,43 +54,58 @@ def expand_nodes(node: str) -> list[str]:
     return names
 
 
-def resolve(name: str) -> frozenset[IPAddress]:
-    """The addresses a node name resolves to (cached for a minute; empty when it does not resolve)."""
+def _lookup(name: str, flags: int = 0) -> list[tuple[Any, ...]]:
+    return socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP, flags=flags)
+
+
+def _cached(name: str) -> tuple[frozenset[IPAddress], str | None]:
+    """A node name's addresses and canonical name (cached a minute, at most a few thousand names).
+
+    Only names the scheduler reports are looked up, never a name a job makes up: a job cannot
+    make the launcher wait on a resolver of its choosing.
+    """
     now = time.monotonic()
     cached = _resolved.get(name)
     if cached is not None and now - cached[0] < _RESOLVE_TTL_S:
-        return cached[1]
+        return cached[1], cached[2]
     try:
-        infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
-        found = frozenset(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos)
+        infos = _lookup(name, socket.AI_CANONNAME)
+        found = frozenset(normal(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])) for info in infos)
+        canonical = next((str(info[3]) for info in infos if info[3]), None)
     except (OSError, ValueError, UnicodeError):
-        found = frozenset()
-    _resolved[name] = (now, found)
-    return found
+        if cached is not None:  # a resolver hiccup: keep the last good answer
+            return cached[1], cached[2]
+        found, canonical = frozenset(), None
+    if len(_resolved) > 4096:
+        _resolved.clear()
+    _resolved[name] = (now, found, canonical)
+    return found, canonical
 
 
-@functools.lru_cache(maxsize=1)
-def own_addresses() -> frozenset[IPAddress]:
-    """This machine's interface addresses (IPv4 by ioctl, IPv6 from /proc), read once."""
-    found: set[IPAddress] = set()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for _index, name in socket.if_nameindex():
-            try:
-                packed = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
-                found.add(ipaddress.IPv4Address(packed[20:24]))
-            except OSError:
-                continue
+def resolve(name: str) -> frozenset[IPAddress]:
+    """The addresses a node name resolves to (empty when it does not resolve)."""
+    return _cached(name)[0]
+
+
+def normal(ip: IPAddress) -> IPAddress:
+    """An IPv4-mapped IPv6 address as the IPv4 address it is (``::ffff:127.0.0.1`` is loopback)."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+@functools.lru_cache(maxsize=1024)
+def is_own_address(ip: IPAddress) -> bool:
+    """True for loopback and every address of this machine (a socket can bind it: secondary ones too)."""
+    if ip.is_loopback:
+        return True
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
     try:
-        with open("/proc/net/if_inet6") as fh:
-            for line in fh:
-                found.add(ipaddress.IPv6Address(bytes.fromhex(line.split()[0])))
-    except (OSError, ValueError):
-        pass
-    return frozenset(found)
-
-
-def _is_local(ip: IPAddress) -> bool:
-    return ip.is_loopback or ip in own_addresses()
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((str(ip), 0))
+            return True
+    except OSError:
+        return False
 
 
 class RoutePolicy:
@@ -103,49 +116,61 @@ class RoutePolicy:
         self.launcher_port = launcher_port
 
     def refusal(self, node: str | None, host: str, port: int) -> str | None:
-        lo, hi = self.cluster.port_range
-        if not lo <= port <= hi:
-            return f"port {port} is outside the cluster's port_range {lo}-{hi}"
+        """The whole rule: port range, address kind, and that ``host`` is the job's node."""
+        names = expand_nodes(node) if node else []
         try:
-            literal: IPAddress | None = ipaddress.ip_address(host)
+            literal: IPAddress | None = normal(ipaddress.ip_address(host))
         except ValueError:
             literal = None
-        names = expand_nodes(node) if node else []
         if literal is None:
-            if not any(_same_host(host, name) for name in names):
+            if not any(_same_host(host, name) or _same_host(host, _cached(name)[1] or name) for name in names):
                 return f"{host} is not the job's node ({node or 'not known yet'})"
-            addresses = resolve(host)
+            addresses = resolve(host)  # one of the node's own names: the site's DNS, not the job's
             if not addresses:
                 return f"{host} does not resolve"
         else:
             addresses = frozenset({literal})
         for ip in addresses:
-            why = self._address_refusal(ip, port, names, literal is not None)
+            why = self.static_refusal(str(ip), port) or self._node_refusal(ip, names, node)
             if why:
                 return why
         return None
 
-    def _address_refusal(self, ip: IPAddress, port: int, names: Iterable[str], check_node: bool) -> str | None:
+    def static_refusal(self, host: str, port: int) -> str | None:
+        """The part of the rule that needs no name lookup: port range and address kind (the probe's recheck)."""
+        lo, hi = self.cluster.port_range
+        if not lo <= port <= hi:
+            return f"port {port} is outside the cluster's port_range {lo}-{hi}"
+        try:
+            ip = normal(ipaddress.ip_address(host))
+        except ValueError:
+            return None  # a name: it was checked against the node when it was accepted
         if ip.is_unspecified or ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
             return f"{ip} is not a host address"
-        if _is_local(ip):
+        if is_own_address(ip):
             if not self.cluster.allow_loopback:
-                return f"{ip} is this launcher's machine (loopback or one of its addresses); set allow_loopback " \
-                       "on a cluster whose nodes are this machine"
+                return (f"{ip} is this launcher's machine (loopback or one of its addresses); set allow_loopback "
+                        "on a cluster whose nodes are this machine")
             if port == self.launcher_port:
                 return f"{ip}:{port} is the launcher itself"
+        return None
+
+    def _node_refusal(self, ip: IPAddress, names: Iterable[str], node: str | None) -> str | None:
         if any(ip in net for net in self.cluster.node_networks):
             return None
-        if not check_node:
-            return None  # a name equal to the node's: checked by name
         if self.cluster.allow_loopback and ip.is_loopback:
             return None  # the nodes are this machine
         if any(ip in resolve(name) for name in names):
             return None
-        where = ", ".join(names) if names else "not known yet"
-        return f"{ip} is not an address of the job's node ({where}) nor in the cluster's node_networks"
+        return (f"{ip} is not an address of the job's node ({node or 'not known yet'}) nor in the cluster's "
+                "node_networks")
 
 
 def _same_host(claimed: str, node: str) -> bool:
-    claimed, node = claimed.lower().rstrip("."), node.lower()
-    return claimed == node or claimed.startswith(node + ".")
+    """``claimed`` is ``node`` or its short form (``node7`` for ``node7.example.com``).
+
+    Never a longer name made from it (``node7.attacker.example``): that would be resolved by a
+    name server the job's user chooses.
+    """
+    claimed, node = claimed.lower().rstrip("."), node.lower().rstrip(".")
+    return claimed == node or claimed == node.split(".", 1)[0]

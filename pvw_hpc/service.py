@@ -22,11 +22,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import jobs, limits
-from .auth import ANONYMOUS_USER, LOCAL_ADMIN, USER_RE, Authenticator, Identity, same_secret
+from .auth import ANONYMOUS_USER, LOCAL_ADMIN, USER_RE, Authenticator, Identity, as_bytes, same_secret
 from .batch import make_adapter
 from .batch.base import BatchAdapter, BatchError, JobId, Presence
 from .batch.runner import CommandFailed
 from .config import AppConfig, LauncherConfig
+from .connections import client_key
 from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized, Unavailable
 from .local import LocalBackend, find_unrecorded
 from .mapfile import MapWriter
@@ -41,6 +42,7 @@ from .validate import is_session_id, is_valid_host, is_valid_port
 log = logging.getLogger(__name__)
 
 WAIT_GRACE_S = 1.0  # the monitor enforces the timeout; the POST waits a little longer for its verdict
+NODE_ASK_EVERY_S = 2.0  # a callback for a job whose node the poller has not seen asks the scheduler at most this often
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class Requester:
                             creator=self.creator if per_address else None, per_creator=per_address)
 
 def sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+    return hashlib.sha256(as_bytes(text)).hexdigest()
 
 
 def session_url(record: SessionRecord) -> str:
@@ -128,7 +130,8 @@ class Service:
         self.unreachable: dict[str, str] = {}  # cluster -> why its scheduler is not answering (set by the poller)
         self.routes = {name: RoutePolicy(c) for name, c in config.clusters.items()}
         self.nodes: dict[str, str] = {}  # session id -> the node its job runs on, as the poller last saw it
-        self._refused: dict[str, set[str]] = {}  # session id -> refused routes already logged
+        self._refused: dict[str, dict[str, str]] = {}  # session id -> refused route -> why (logged once)
+        self._node_asked: dict[str, float] = {}  # session id -> when a callback last made us ask the scheduler
         self._events: dict[str, threading.Event] = {}
         self._events_lock = threading.Lock()
 
@@ -257,12 +260,21 @@ class Service:
             policy.launcher_port = urlsplit(self.listening_url).port
         return policy.refusal(node, host, port)
 
+    def static_route_refusal(self, cluster: str, host: str, port: int) -> str | None:
+        """The rules of :meth:`route_refusal` that need no name lookup (the probe rechecks stored routes with them)."""
+        policy = self.routes.get(cluster)
+        return policy.static_refusal(host, port) if policy is not None else None
+
     def refuse_route(self, session_id: str, what: str, why: str) -> None:
-        """A refused route changes nothing; it is logged once per session and route (it may be an attack)."""
-        logged = self._refused.setdefault(session_id, set())
-        if what not in logged:
-            logged.add(what)
+        """A refused route changes nothing; it is logged once per session and route (it may be an attack).
+
+        The last refusal is kept for the session's "still starting" answer: a genuine job
+        whose address the rules do not know (a multi-homed node) should not just time out.
+        """
+        logged = self._refused.setdefault(session_id, {})
+        if what not in logged and len(logged) < 20:
             log.warning("session %s: refused the %s: %s", session_id, what, why)
+        logged[what] = why
 
     def _node_of(self, record: SessionRecord) -> str | None:
         """The node a session's job runs on: as the poller last saw it, else asked of the scheduler now."""
@@ -270,6 +282,11 @@ class Service:
         adapter = self.adapters.get(record.backend)
         if node is not None or adapter is None or not record.job_id:
             return node
+        now = time.monotonic()
+        if now - self._node_asked.get(record.id, float("-inf")) < NODE_ASK_EVERY_S:
+            # the token's holder may call back in a loop: one scheduler query per session this often
+            raise Unavailable("the scheduler was just asked where this job runs; retry in a moment")
+        self._node_asked[record.id] = now
         info = adapter.poll([JobId(record.job_id)]).get(JobId(record.job_id))
         if info is None or info.presence == Presence.QUERY_FAILED:
             raise Unavailable("the scheduler cannot say where this job runs right now; retry")
@@ -324,7 +341,9 @@ class Service:
         if adapter is None or not record.job_id:
             return
         try:
-            owner = jobs.job_owner(record.job_dir) if record.job_dir else None
+            cluster = self.config.clusters.get(record.backend)
+            # who the job runs as is known from the launch (no stat of the user's folder, which may hang)
+            owner = record.owner if cluster is not None and cluster.submit_prefix else None
             if owner:  # a job submitted as the user is cancelled as the user, through the same prefix
                 adapter.cancel(JobId(record.job_id), user=owner)
             else:
@@ -471,7 +490,8 @@ class Service:
                 raise Unauthorized("this launcher needs a bearer token to launch (anonymous launches are off)")
             key = identity.creator_key or secrets.token_urlsafe(24)
             digest = sha256(key)
-            return Requester(ANONYMOUS_USER, f"{ANONYMOUS_USER}:{digest[:16]}", f"{ANONYMOUS_USER}@{identity.address}",
+            address = client_key(identity.address) if identity.address else "unknown"  # IPv6: its /64
+            return Requester(ANONYMOUS_USER, f"{ANONYMOUS_USER}:{digest[:16]}", f"{ANONYMOUS_USER}@{address}",
                              digest, key, anonymous=True)
         if not identity.has("launch"):
             raise Forbidden(f"token {identity.name!r} may not launch sessions (role 'launch' needed)")
@@ -578,6 +598,7 @@ class Service:
         if state in (SessionState.ENDED, SessionState.FAILED):  # what was kept about its job is of no more use
             self.nodes.pop(session_id, None)
             self._refused.pop(session_id, None)
+            self._node_asked.pop(session_id, None)
         with self._events_lock:
             event = self._events.get(session_id)
         if event is not None:
@@ -620,9 +641,13 @@ class Service:
             with self._events_lock:
                 self._events.pop(session_id, None)
 
-    @staticmethod
-    def _pending_message(record: SessionRecord) -> str:
+    def _pending_message(self, record: SessionRecord) -> str:
         if record.state == SessionState.STARTING:
+            refused = self._refused.get(record.id)
+            if refused:
+                what, why = list(refused.items())[-1]
+                return (f"the job {record.job_id} is running, but its {what} was refused: {why} (an admin may need "
+                        "the node's network in the cluster's node_networks); retry to wait more")
             return f"the job {record.job_id} is running; the app is starting (not ready yet); retry to wait more"
         why = f" ({record.scheduler_reason})" if record.scheduler_reason else ""
         when = f", expected to start {record.start_estimate.isoformat()}" if record.start_estimate else ""

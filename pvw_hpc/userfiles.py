@@ -150,6 +150,7 @@ class BoundedReader:
 
     def __init__(self, workers: int = 4, timeout_s: float = 2.0):
         self.timeout_s = timeout_s
+        self.workers = workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pvw-userfiles")
         self._stuck: dict[str, Future[object]] = {}
         self._lock = threading.Lock()
@@ -163,11 +164,11 @@ class BoundedReader:
         pending: list[tuple[str, Future[T] | None]] = []
         for key, fn in calls:
             with self._lock:
-                stuck = self._stuck.get(key)
-                if stuck is not None and not stuck.done():
-                    pending.append((key, None))  # still hanging since an earlier cycle: do not pile up
+                self._stuck = {k: f for k, f in self._stuck.items() if not f.done()}
+                if key in self._stuck or len(self._stuck) >= self.workers:
+                    # still hanging since an earlier cycle, or every worker is: answer "unknown" at once
+                    pending.append((key, None))
                     continue
-                self._stuck.pop(key, None)
             pending.append((key, self._pool.submit(fn)))
         deadline = time.monotonic() + self.timeout_s
         answers: list[T] = []

@@ -295,6 +295,8 @@ def test_no_shipped_example_keeps_its_files_in_a_world_writable_folder() -> None
     for path in sorted(root.glob("*/launcher*.json")):
         config = load_file(path)
         for folder in folders.launcher_folders(config):
+            if folder.path.is_relative_to(Path.cwd()):
+                continue  # a relative path (the demo's demo-run/): inside the checkout, wherever that is
             levels = [folder.path, *folder.path.parents]
             assert not any(str(level) in ("/tmp", "/var/tmp", "/dev/shm") for level in levels), (path, folder)
 

@@ -160,3 +160,26 @@ def test_folder_rules(tmp_path: Path) -> None:
     shared.chmod(0o1777)  # sticky, like /tmp: fine as an ancestor, not as the folder itself
     assert folders.problem(shared / "logs", "x") is None
     assert "writable by others" in str(folders.problem(shared, "x"))
+
+
+def test_names_a_job_makes_up_and_mapped_addresses_are_refused() -> None:
+    local = _policy(port_range=(20000, 20100), allow_loopback=True)
+    # a longer name made from the node's would be resolved by a name server the job's user picks
+    assert "not the job's node" in str(local.refusal("localhost", "localhost.attacker.example", 20001))
+    strict = _policy(port_range=(20000, 20100))
+    assert "this launcher's machine" in str(strict.refusal("localhost", "::ffff:127.0.0.1", 20001))
+    assert strict.static_refusal("::ffff:127.0.0.1", 20001) is not None  # the probe's recheck sees it too
+
+
+def test_placeholder_and_dynamic_uids_are_refused_even_without_a_deny_list() -> None:
+    rule = AccountRule(deny=frozenset())
+    assert "placeholder or dynamic" in str(rule.refusal("nobody", runs_as=False))
+    assert "outside" in str(rule.refusal("daemon", runs_as=False))
+
+
+def test_a_system_group_may_write_an_ancestor(tmp_path: Path) -> None:
+    parent = tmp_path / "var-log"
+    parent.mkdir()
+    parent.chmod(0o775)  # Ubuntu's /var/log: root:syslog 0775 (here root's own group, gid 0)
+    assert folders.problem(parent / "pvw-hpc", "configuration.log_dir") is None
+    assert "writable by its group" in str(folders.problem(parent, "configuration.log_dir"))
