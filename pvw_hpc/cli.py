@@ -202,13 +202,22 @@ def usage(user: str | None, config_file: str | None, as_json: bool) -> None:
 @main.command("new-token")
 @click.argument("name")
 @click.option("--role", "roles", multiple=True, type=click.Choice(["launch", "read", "admin"]), required=True)
-def new_token_cmd(name: str, roles: tuple[str, ...]) -> None:
+@click.option("--user", "users", multiple=True, metavar="NAME_OR_PATTERN",
+              help="A user this token may launch for (repeat; patterns such as 'lab-*'); default: only NAME.")
+def new_token_cmd(name: str, roles: tuple[str, ...], users: tuple[str, ...]) -> None:
     """Make a bearer token: prints it once, and the entry to put in auth.tokens (only its hash)."""
-    from .auth import hash_token, new_token
+    from .auth import RESERVED_TOKEN_NAMES, USER_RE, hash_token, new_token
 
+    if not USER_RE.match(name) or name in RESERVED_TOKEN_NAMES:
+        click.echo(f"pvw-hpc new-token: {name!r} cannot name a token (a short lower-case name; "
+                   f"{', '.join(sorted(RESERVED_TOKEN_NAMES))} are reserved)", err=True)
+        sys.exit(EXIT_ERROR)
     token = new_token()
     click.echo(f"token (give it to the portal; it is not stored): {token}")
-    click.echo(json.dumps({"name": name, "sha256": hash_token(token), "roles": sorted(set(roles))}))
+    entry: dict[str, Any] = {"name": name, "sha256": hash_token(token), "roles": sorted(set(roles))}
+    if users:
+        entry["users"] = list(users)
+    click.echo(json.dumps(entry))
 
 
 @main.command("flush-map")
