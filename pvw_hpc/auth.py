@@ -34,13 +34,14 @@ from typing import Any
 
 from .accounts import AccountRule, check_users_config
 from .errors import Forbidden, Unauthorized
+from .validate import USER_NAME_RE
 
 __all__ = ["Forbidden", "Unauthorized"]
 
 log = logging.getLogger(__name__)
 
 ROLES = ("launch", "read", "admin")
-USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\Z")
+USER_RE = USER_NAME_RE  # one rule for every layer (validate.USER_NAME_RE)
 ANONYMOUS_USER = "anonymous"
 RESERVED_TOKEN_NAMES = frozenset({ANONYMOUS_USER, "local-admin"})  # names the launcher gives callers itself
 _USER_PATTERN_RE = re.compile(r"^[a-z0-9_.*?\[\]-]{1,64}\Z")

@@ -20,13 +20,15 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from .auth import IPNetwork, check_networks
 from .batch.base import USER_PLACEHOLDER
 from .batch.base import is_valid_user as is_valid_user  # re-exported: the service checks names with it
+from .validate import CLUSTER_NAME_RE
 
 SCHEDULERS = ("slurm", "pbs", "htcondor")
+LOCAL_BACKEND = "local"  # the local backend's name in a session's backend column: no cluster may take it
 # the first mode is the default
 ACCESS_MODES = {"slurm": ("cli", "rest"), "pbs": ("cli",), "htcondor": ("bindings",)}
 PBS_FLAVORS = ("pbspro", "torque")  # status dialect and resource syntax: qstat -F json + select, or text + ppn
@@ -156,6 +158,11 @@ def check_clusters(raw: Any, report_error: Report, warn: Report) -> dict[str, Cl
     clusters = {}
     for name, c in raw.items():
         path = f"$.clusters.{name}"
+        if not CLUSTER_NAME_RE.match(name) or name == LOCAL_BACKEND:
+            # a session's backend column holds the cluster name; "local" means the local backend there
+            error(path, f"{name!r} cannot name a cluster: letters, digits, '_', '.', '-' (not starting with "
+                        f"'.' or '-'), at most 64, and not {LOCAL_BACKEND!r} (the local backend's name)")
+            continue
         if not isinstance(c, dict):
             error(path, "must be an object with 'scheduler' and 'job_dir'")
             continue
@@ -249,7 +256,7 @@ def check_clusters(raw: Any, report_error: Report, warn: Report) -> dict[str, Cl
         if len(seen) != before:
             continue
         clusters[name] = ClusterConfig(
-            name=name, scheduler=scheduler, job_dir=Path(job_dir), access=access, template=template,
+            name=name, scheduler=scheduler, job_dir=Path(str(job_dir)), access=access, template=template,
             callback_url=callback.rstrip("/") if callback else None, python=python, node_address=node_address,
             requeue=requeue, defaults=defaults, commands=dict(commands), rest=rest, submit_prefix=submit_prefix,
             flavor=flavor, job_user=job_user, port_range=(port_range[0], port_range[1]),
@@ -318,5 +325,5 @@ def _lines(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) and _LINE.match(v) for v in value)
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)

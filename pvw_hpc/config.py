@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from . import jsonc
 from .auth import AuthConfig, check_auth
@@ -287,9 +287,10 @@ class _Checker:
 
         if any(not p.warning for p in self.problems):
             return None
+        # every value below was checked above (an error returned None): only the types are told here
         return LauncherConfig(
-            host=host, port=port, endpoint=endpoint, content=content,
-            proxy_file=Path(proxy_file), session_url=session_url, timeout_s=float(timeout),
+            host=host, port=int(port or 0), endpoint=str(endpoint), content=str(content),
+            proxy_file=Path(proxy_file), session_url=session_url, timeout_s=float(timeout or 0),
             log_dir=Path(log_dir), fields=tuple(fields), sanitize=sanitize, properties=properties,
             session_data=session_data, apps=apps, resources=resources, database_url=database,
             threads=threads, clusters=clusters, auth=auth, limits=limits, keep_ended_s=float(keep_ended),
@@ -372,7 +373,7 @@ class _Checker:
                 if compiled is None:
                     self.error(f"{path}.regexp", "regexp rule needs a 'regexp' string")
                     continue
-                if not pattern.endswith("$"):
+                if not str(pattern).endswith("$"):
                     self.warn(f"{path}.regexp", "not anchored with '$': re.match checks only the start of the value")
                 rules[key] = SanitizeRule(key, kind, pattern=compiled)
             else:
@@ -464,5 +465,5 @@ class _Checker:
         return apps
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)

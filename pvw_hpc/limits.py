@@ -46,7 +46,7 @@ def _seconds(days: str | None, a: str, b: str | None, c: str | None) -> int:
     if days is not None:  # D-HH[:MM[:SS]]
         return int(days) * 86400 + int(a) * 3600 + int(b or 0) * 60 + int(c or 0)
     if c is not None:  # HH:MM:SS
-        return int(a) * 3600 + int(b) * 60 + int(c)
+        return int(a) * 3600 + int(b or 0) * 60 + int(c)
     if b is not None:  # MM:SS
         return int(a) * 60 + int(b)
     return int(a) * 60  # minutes

@@ -197,7 +197,7 @@ class Poller:
             if info.presence == Presence.FOUND:
                 if info.node:
                     self.service.nodes[job.id] = info.node
-                changed = {"native_state": info.native_state, "scheduler_reason": info.reason,
+                changed: dict[str, object] = {"native_state": info.native_state, "scheduler_reason": info.reason,
                            "start_estimate": info.start_estimate}
                 if any(getattr(job, k) != v for k, v in changed.items()):
                     bookkeeping.append((job.id, changed))

@@ -73,11 +73,11 @@ def _probe_batch(addresses: list[Address], timeout_s: float) -> dict[Address, bo
             if left <= 0:
                 break
             for key, _ in selector.select(left):
-                sock = key.fileobj
-                assert isinstance(sock, socket.socket)
-                result[key.data] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
-                selector.unregister(sock)
-                sock.close()
+                ready = key.fileobj
+                assert isinstance(ready, socket.socket)  # we registered sockets only
+                result[key.data] = ready.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+                selector.unregister(ready)
+                ready.close()
         for key in list(selector.get_map().values()):
             key.fileobj.close()  # type: ignore[union-attr]
     return result

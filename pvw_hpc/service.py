@@ -7,6 +7,7 @@ choice, states, map file) live in one place.
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import hashlib
 import hmac
@@ -367,7 +368,7 @@ class Service:
             self.cancel_job(record)
         return True
 
-    def usage(self, user: str | None = None) -> list[dict[str, Any]]:
+    def usage(self, user: str | None = None) -> builtins.list[dict[str, Any]]:
         """Per user: live sessions and core-hours used in the limits' window (``pvw-hpc usage``)."""
         window = self.config.limits.window_hours
         records = self.store.list()  # one read; active counts and owners both come from it

@@ -9,6 +9,7 @@ crash at any moment leaves a record that a restart can act on.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import datetime as dt
 import json
@@ -351,10 +352,10 @@ class Store:
         with self.engine.connect() as conn:
             return [_record(row) for row in conn.execute(query)]
 
-    def active(self, backend: str | None = None) -> list[SessionRecord]:
+    def active(self, backend: str | None = None) -> builtins.list[SessionRecord]:
         return self.list(ACTIVE_STATES, backend=backend)
 
-    def tracked(self, backend: str) -> list[TrackedJob]:
+    def tracked(self, backend: str) -> builtins.list[TrackedJob]:
         """Active sessions of one cluster, narrow (no JSON columns, few timestamps)."""
         cols = [sessions.c[f.name] for f in dataclasses.fields(TrackedJob)]
         query = select(*cols).where(
@@ -363,7 +364,7 @@ class Store:
         with self.engine.connect() as conn:
             return [TrackedJob(r[0], SessionState(r[1]), *r[2:]) for r in conn.execute(query)]
 
-    def update_many(self, changes: list[tuple[str, dict[str, Any]]]) -> None:
+    def update_many(self, changes: builtins.list[tuple[str, dict[str, Any]]]) -> None:
         """Change non-state fields of many sessions in one transaction (the poller's bookkeeping)."""
         if not changes:
             return
@@ -379,7 +380,7 @@ class Store:
         with self.engine.connect() as conn:
             return {row[0] for row in conn.execute(query)}
 
-    def ready_routes(self) -> list[tuple[str, str, int]]:
+    def ready_routes(self) -> builtins.list[tuple[str, str, int]]:
         """(id, host, port) of every READY session, oldest first: the map file's content."""
         query = (
             select(sessions.c.id, sessions.c.host, sessions.c.port)

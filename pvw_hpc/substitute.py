@@ -110,5 +110,5 @@ def render(
         session_url=session_url,
         session_data=session_data,
         variables=variables,
-        secret_in_argv=bool(secret) and any(secret in part for part in argv),
+        secret_in_argv=secret is not None and bool(secret) and any(secret in part for part in argv),
     )

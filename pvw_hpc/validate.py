@@ -25,6 +25,11 @@ SAFE_CLIENT_VALUE_RE = re.compile(
 )
 CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
 
+# User names, one rule for authentication, the OpenAPI document and run-as-user: POSIX portable
+# login names (letters, digits, '_', '.', '-'; sudo -u accepts '.'), lower case, at most 32 (the
+# useradd limit), never starting with '-' or '.' (an option, a path, a sudo uid such as '#0')
+USER_NAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\Z", re.ASCII)
+CLUSTER_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z", re.ASCII)
 APP_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$", re.ASCII)
 ENDPOINT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$", re.ASCII)
 
@@ -55,3 +60,8 @@ def host_port(host: str, port: int) -> str:
     if ":" in host:
         return f"[{host}]:{port}"
     return f"{host}:{port}"
+
+
+def is_user_name(value: object) -> bool:
+    """True for a user name that :data:`USER_NAME_RE` allows (every layer checks with this one rule)."""
+    return isinstance(value, str) and USER_NAME_RE.match(value) is not None

@@ -177,6 +177,19 @@ def test_a_token_names_only_the_users_its_entry_allows(launcher: LauncherFactory
     assert launch_as_job_user(lau)["id"]  # the user it names is fine
 
 
+@needs_chain
+def test_a_dotted_name_is_judged_at_the_request_not_by_a_failed_job(launcher: LauncherFactory) -> None:
+    """One user-name rule: 'alice.smith' is a name everywhere; with no such account it is refused before any row."""
+    lau = run_as_launcher(launcher)
+    dotted = requests.post(lau.url, json={"application": "never", "user": "alice.smith", "wait": False},
+                           headers=ADMIN_HEADERS, timeout=60)
+    assert dotted.status_code == 403 and "not an account" in dotted.json()["error"], dotted.text
+    malformed = requests.post(lau.url, json={"application": "never", "user": "Alice.Smith", "wait": False},
+                              headers=ADMIN_HEADERS, timeout=60)
+    assert malformed.status_code == 400
+    assert lau.db_rows() == [] and lau.job_ids() == []
+
+
 # -- 3. routes ---------------------------------------------------------------------------------------------
 
 

@@ -76,14 +76,14 @@ def chain_reason() -> str | None:
 # -- user names and the prefix -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["alice", "slurmtest", "_svc", "a", "build-bot_2", "n" * 32])
+@pytest.mark.parametrize("name", ["alice", "slurmtest", "_svc", "a", "build-bot_2", "n" * 32, "a.b", "alice.smith"])
 def test_portable_user_names_are_valid(name: str) -> None:
     assert is_valid_user(name)
 
 
 @pytest.mark.parametrize("name", [
     "root",  # refused on purpose: run-as-user exists to drop privileges
-    "", "-u", "--", "#0", "Alice", "1abc", "a b", "a;b", "$(id)", "a/b", "a.b", "../x", "n" * 33,
+    "", "-u", "--", "#0", "Alice", "1abc", "a b", "a;b", "$(id)", "a/b", ".hidden", "../x", "n" * 33,
     "alice\n", "al\x00ice", None, 0, ["alice"],
 ])
 def test_other_user_names_are_refused(name: Any) -> None:

@@ -28,6 +28,7 @@ from .. import __version__
 from ..config import LAUNCHER_KEYS, AppConfig, LauncherConfig, SanitizeRule
 from ..states import ACTIVE_STATES, SessionState
 from ..substitute import CLIENT_CONTROL_KEYS, referenced_names
+from ..validate import USER_NAME_RE
 from . import launcher
 
 bp = Blueprint("openapi", __name__)
@@ -39,8 +40,8 @@ SESSION_ID_PATTERN = "^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0
 SAFE_VALUE_PATTERN = r"^(?!(?:.*/)?\.\.(?:/|$))(?:[A-Za-z0-9_.,:@+=/][A-Za-z0-9_.,:@+=/-]{0,1023})?$"
 # validate.CONTROL_CHARS_RE: refused in every value that reaches a template, whatever its rule
 CONTROL_CHARS_PATTERN = "[\\u0000-\\u001f\\u007f]"
-# the user names the auth module accepts (auth.USER_RE), for portals launching on a user's behalf
-USER_PATTERN = "^[a-z_][a-z0-9_.-]{0,31}$"
+# the one user-name rule (validate.USER_NAME_RE) in ECMA-262 syntax, for portals launching on a user's behalf
+USER_PATTERN = USER_NAME_RE.pattern.replace("\\Z", "$")
 STATES = [s.value for s in SessionState]
 # how an anonymous browser proves it created a session (names owned by api/launcher.py)
 CREATOR_COOKIE: str = getattr(launcher, "CREATOR_COOKIE", "pvw_hpc_creator")

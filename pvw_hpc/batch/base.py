@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NewType, Protocol
+
+from ..validate import is_user_name
 
 JobId = NewType("JobId", str)
 
@@ -128,9 +129,6 @@ def failed_query(job_ids: Collection[JobId], why: str) -> dict[JobId, JobInfo]:
 # -- running jobs as the requesting user ------------------------------------------------------
 
 USER_PLACEHOLDER = "${user}"
-# POSIX "portable" login names, at most 32 characters (the useradd limit): a name that can
-# never look like an option ("-u", "--"), a sudo uid ("#0"), a path or a shell word.
-_USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}\Z")
 REFUSED_USERS = frozenset({"root"})
 
 
@@ -138,12 +136,12 @@ def is_valid_user(name: object) -> bool:
     """True for a user name a job may run as.
 
     The name is substituted into the submit prefix (``sudo -n -u ${user}``), so it must
-    be inert there: portable POSIX characters only, nothing that sudo or getopt would
-    read as something else. ``root`` is refused on purpose: running jobs as the
+    be inert there: :data:`validate.USER_NAME_RE` (the one rule the request was checked
+    with), nothing that sudo or getopt would read as something else. ``root`` is refused on purpose: running jobs as the
     requesting user is about dropping privileges, and a request that maps to root is a
     misconfiguration (or an attack) whatever sudoers says.
     """
-    return isinstance(name, str) and bool(_USER_NAME.match(name)) and name not in REFUSED_USERS
+    return is_user_name(name) and name not in REFUSED_USERS
 
 
 def expand_prefix(prefix: Sequence[str], user: str) -> list[str]:

@@ -52,7 +52,7 @@ def bindings(condor_config: str | None) -> Any:
         os.environ["CONDOR_CONFIG"] = condor_config
     imported_before = "htcondor2" in sys.modules
     try:
-        import htcondor2
+        import htcondor2  # type: ignore[import-untyped]  # the bindings ship no type information
     except ImportError as exc:
         raise BatchError("HTCondor clusters need the htcondor bindings: pip install 'pvw-hpc[htcondor]'") from exc
     if condor_config and condor_config != _configured_for:

@@ -272,8 +272,12 @@ class SlurmRestAdapter:
         """slurmrestd keeps no history of purged jobs without slurmdbd: we cannot know."""
         return failed_query(job_ids, "no job history through slurmrestd (needs slurmdbd)") if job_ids else {}
 
-    def cancel(self, job_id: JobId) -> None:
-        """``DELETE /job/ID``, which slurmctld treats like scancel; error 2017 means the job is already gone."""
+    def cancel(self, job_id: JobId, user: str | None = None) -> None:
+        """``DELETE /job/ID``, which slurmctld treats like scancel; error 2017 means the job is already gone.
+
+        ``user`` is accepted as the interface asks and ignored: slurmrestd acts as its token's user
+        (``rest.user``), who submitted the job, so that is who cancels it.
+        """
         if not str(job_id).isdigit():  # it goes into the URL path
             raise BatchError(f"not a Slurm job id: {job_id!r}")
         answer = self._call("DELETE", f"job/{job_id}")
