@@ -140,6 +140,7 @@ def test_sessions_land_on_both_nodes_and_are_reached_on_their_node_through_apach
     assert not set(layout.routes()) & {a["id"] for a in answers}
 
 
+@pytest.mark.slow
 def test_a_node_cut_off_ends_its_sessions_spares_the_other_node_and_takes_new_ones_when_back(layout: Layout) -> None:
     hosts, slurm, lau = layout.hosts, layout.slurm, layout.launcher
     a = layout.launch("demo-host3")  # ended by SLURM's verdict (NODE_FAIL ~30 s after the cut)

@@ -162,6 +162,7 @@ def test_launcher_killed_while_jobs_queue_and_run_tracks_them_after_restart(laun
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="stopping slurmctld needs root")
+@pytest.mark.slow
 def test_slurmctld_down_for_60_s_keeps_sessions_refuses_launches_at_once_and_recovers(
         launcher: LauncherFactory) -> None:
     live = launcher(clusters={"slurm": {"scheduler": "slurm", "poll_fast_s": 0.3, "poll_slow_s": 0.5,
@@ -194,6 +195,7 @@ def test_slurmctld_down_for_60_s_keeps_sessions_refuses_launches_at_once_and_rec
     assert live.state(ready["id"]) == "ready" and live.state(queued["id"]) == "queued"
 
 
+@pytest.mark.slow
 def test_a_requeued_job_goes_back_to_queued_and_is_routed_only_on_its_new_port(launcher: LauncherFactory) -> None:
     live = launcher(clusters={"slurm": {"scheduler": "slurm", "requeue": True, "poll_fast_s": 0.3}},
                     apps={"demo": DEMO})
@@ -216,6 +218,7 @@ def test_a_requeued_job_goes_back_to_queued_and_is_routed_only_on_its_new_port(l
     assert result["results"] == [10]
 
 
+@pytest.mark.slow
 def test_walltime_expiry_ends_the_session(launcher: LauncherFactory) -> None:
     """Slurm checks limits about every 30 s, so a 1-minute job ends 60-90 s in."""
     live = launcher(clusters={"slurm": {"scheduler": "slurm", "poll_fast_s": 0.5, "poll_slow_s": 1}},
