@@ -32,7 +32,7 @@ FAST_TICK_S = 0.01  # while anything is starting
 SLOW_TICK_S = 0.1  # only ready sessions: an exit is noticed well within 1 s
 LOG_TAIL_BYTES = 4096
 
-OnChange = Callable[[str, SessionState], None]
+Move = Callable[..., bool]  # Lifecycle.move: the only way a session's state changes
 
 
 def log_tail(path: str | None, lines: int = 10) -> str:
@@ -66,9 +66,9 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, store: Store, on_change: OnChange):
+    def __init__(self, store: Store, move: Move):
         self.store = store
-        self.on_change = on_change
+        self.move = move
         self._watches: dict[str, _Watch] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -124,7 +124,8 @@ class LocalBackend:
             except OSError:
                 pass  # it already exited: the monitor will see that
         pid_start = procs.start_time(popen.pid)
-        moved = self.store.transition(record.id, SessionState.STARTING, pid=popen.pid, pid_start=pid_start)
+        moved = self.move(record.id, SessionState.STARTING, current=SessionState.SUBMITTED, pid=popen.pid,
+                          pid_start=pid_start)
         watch = _Watch(
             session_id=record.id, pid=popen.pid, pid_start=pid_start, log_path=record.log_path,
             ready_line=ready_line.encode() if ready_line else None, host=record.host, port=record.port,
@@ -137,7 +138,6 @@ class LocalBackend:
         with self._lock:
             self._watches[record.id] = watch
         self._wake.set()
-        self.on_change(record.id, SessionState.STARTING)
 
     def stop(self, record: SessionRecord) -> int | None:
         """Stop the process of a session already moved to a final state.
@@ -189,9 +189,8 @@ class LocalBackend:
 
     def _check(self, watch: _Watch) -> None:
         if watch.state == SessionState.STARTING and self._is_ready(watch):
-            if self.store.transition(watch.session_id, SessionState.READY):
+            if self.move(watch.session_id, SessionState.READY, current=SessionState.STARTING):
                 watch.state = SessionState.READY
-                self.on_change(watch.session_id, SessionState.READY)
             return
         exit_code = self._exit_code(watch)
         if exit_code is not False:
@@ -218,11 +217,9 @@ class LocalBackend:
             error = f"the process exited with {code} before it was ready; session log {watch.log_path}"
             if tail:
                 error += f"; last lines:\n{tail}"
-            if self.store.transition(watch.session_id, SessionState.FAILED, exit_code=exit_code, error=error):
-                self.on_change(watch.session_id, SessionState.FAILED)
+            self.move(watch.session_id, SessionState.FAILED, current=watch.state, exit_code=exit_code, error=error)
         else:
-            if self.store.transition(watch.session_id, SessionState.ENDED, exit_code=exit_code):
-                self.on_change(watch.session_id, SessionState.ENDED)
+            self.move(watch.session_id, SessionState.ENDED, current=watch.state, exit_code=exit_code)
 
     @staticmethod
     def _terminate(watch: _Watch) -> None:
@@ -233,8 +230,7 @@ class LocalBackend:
     def _fail(self, watch: _Watch, error: str) -> None:
         with self._lock:
             self._watches.pop(watch.session_id, None)
-        if self.store.transition(watch.session_id, SessionState.FAILED, error=error):
-            self.on_change(watch.session_id, SessionState.FAILED)
+        self.move(watch.session_id, SessionState.FAILED, current=watch.state, error=error)
 
     def _is_ready(self, watch: _Watch) -> bool:
         if watch.ready_line is None:

@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import userfiles
 from .batch.base import BatchError, JobId, JobInfo, JobState, Presence
@@ -134,8 +135,7 @@ class Poller:
                     counts["cancelled"] += 1
                 elif record.job_id is None:
                     self.store.update(session_id, job_id=info.job_id)
-                    if self.store.transition(session_id, SessionState.QUEUED):
-                        self.service.notify(session_id, SessionState.QUEUED)
+                    self.service.life.move(session_id, SessionState.QUEUED, current=record.state)
                     log.info("adopted job %s of session %s", info.job_id, session_id)
                     counts["adopted"] += 1
             for job in self.store.tracked(name) if startup else []:
@@ -362,21 +362,16 @@ class Poller:
                 if refused:
                     self.service.refuse_route(record.id, f"marker {host}:{port}", refused)
                     continue
-                if record.state == SessionState.QUEUED:  # ran and got ready between two polls
-                    self._move(record, SessionState.STARTING)
-                self._move(record, SessionState.READY, host=host, port=port)
+                self._move(record, SessionState.READY, host=host, port=port)  # from queued: starting is filled in
                 break
 
     def _job_file(self, record: TrackedJob, name: str) -> str | None:
         """A small job-side file of this session, or None (absent, refused, or no answer in time)."""
         return self.files.call(f"{record.job_dir}/{name}", lambda: _read_job_file(record, name), None)
 
-    def _move(self, record: TrackedJob, to: SessionState, **fields: object) -> None:
-        if self.store.transition(record.id, to, **fields):
+    def _move(self, record: TrackedJob, to: SessionState, **fields: Any) -> None:
+        if self.service.life.move(record.id, to, current=record.state, **fields):
             self.moves += 1
-            self.service.notify(record.id, to)
-            if to == SessionState.READY or record.state == SessionState.READY:
-                self.service.map.sync()  # the route appears (or goes) before anyone acts on the state
 
 
 def _read_markers(path: Path, scan: _LogScan) -> tuple[list[tuple[str, str, int]], _LogScan]:

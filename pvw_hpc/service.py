@@ -13,7 +13,6 @@ import hashlib
 import hmac
 import logging
 import secrets
-import threading
 import time
 import uuid
 from collections import Counter
@@ -30,6 +29,7 @@ from .batch.runner import CommandFailed
 from .config import AppConfig, LauncherConfig
 from .connections import client_key
 from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized, Unavailable
+from .lifecycle import Lifecycle
 from .local import LocalBackend, find_unrecorded
 from .mapfile import MapWriter
 from .ports import candidates
@@ -125,7 +125,10 @@ class Service:
         self.config = config
         self.store = store or Store(config.database_url, pool_size=config.threads + 4)
         self.map = MapWriter(config.proxy_file, self.store.ready_routes)
-        self.local = LocalBackend(self.store, self.notify)
+        self.life = Lifecycle(self.store, self.map)  # every state change goes through it
+        self.life.stop_backend = self._stop_backend
+        self.life.on_moved = self._moved
+        self.local = LocalBackend(self.store, self.life.move)
         self.adapters: dict[str, BatchAdapter] = {name: make_adapter(c) for name, c in config.clusters.items()}
         self.auth = Authenticator(config.auth)
         self.unreachable: dict[str, str] = {}  # cluster -> why its scheduler is not answering (set by the poller)
@@ -133,8 +136,6 @@ class Service:
         self.nodes: dict[str, str] = {}  # session id -> the node its job runs on, as the poller last saw it
         self._refused: dict[str, dict[str, str]] = {}  # session id -> refused route -> why (logged once)
         self._node_asked: dict[str, float] = {}  # session id -> when a callback last made us ask the scheduler
-        self._events: dict[str, threading.Event] = {}
-        self._events_lock = threading.Lock()
 
     # -- running -------------------------------------------------------------------------
 
@@ -163,17 +164,18 @@ class Service:
             if record.pid is None:
                 for pid in find_unrecorded(record.id):
                     terminate_group(pid, None)
-                self._finish(record.id, SessionState.FAILED,
-                             error="the launcher stopped before the process was recorded")
+                self.life.move(record.id, SessionState.FAILED, sync_map=False,
+                               error="the launcher stopped before the process was recorded")
                 counts["failed"] += 1
             elif self.local.adopt(record, ready_line, timeout_s):
                 counts["adopted"] += 1
             elif record.state == SessionState.READY:
-                self._finish(record.id, SessionState.ENDED, end_reason="the process exited while the launcher was down")
+                self.life.move(record.id, SessionState.ENDED, sync_map=False,
+                               end_reason="the process exited while the launcher was down")
                 counts["ended"] += 1
             else:
-                self._finish(record.id, SessionState.FAILED,
-                             error="the process exited before it was ready, while the launcher was down")
+                self.life.move(record.id, SessionState.FAILED, sync_map=False,
+                               error="the process exited before it was ready, while the launcher was down")
                 counts["failed"] += 1
         self.map.write_now()
         return counts
@@ -211,7 +213,7 @@ class Service:
                              ready_line=app.ready_line, timeout_s=timeout_s)
         except OSError as exc:
             error = f"the process did not start: {exc}; session log {record.log_path}"
-            self._finish(record.id, SessionState.FAILED, error=error)
+            self.life.move(record.id, SessionState.FAILED, error=error)
             raise Unavailable(error, id=record.id, state=SessionState.FAILED.value) from exc
         if not wait:
             return LaunchResult(202, self._creator_view(record.id), record.id, creator_key=requester.creator_key)
@@ -245,11 +247,9 @@ class Service:
             raise Forbidden(f"route {host}:{port} refused: {refused}")
         if record.state == SessionState.READY and (record.host, record.port) == (host, port):
             return session_view(record)
-        if record.state in (SessionState.SUBMITTED, SessionState.QUEUED):  # ran and got ready between polls
-            self.store.transition(session_id, SessionState.STARTING)
-        if not self.store.transition(session_id, SessionState.READY, host=host, port=port):
+        # from submitted or queued (it ran and got ready between polls) starting is filled in
+        if not self.life.move(session_id, SessionState.READY, current=record.state, host=host, port=port):
             raise Conflict(f"session {session_id} is {self._get(session_id).state.value}; it cannot become ready")
-        self.notify(session_id, SessionState.READY)
         return session_view(self._get(session_id))
 
     def route_refusal(self, cluster: str, node: str | None, host: str, port: int) -> str | None:
@@ -325,16 +325,21 @@ class Service:
         """End a session and stop its process or job; stopping an ended session is a no-op."""
         record = self._get(session_id)
         self._authorize(record, identity, secret, stop=True)
-        if not record.is_final:
-            self._finish(session_id, SessionState.ENDED, end_reason=reason)
-            self.map.sync()  # the route is gone before we answer, even if the process is slow to stop
-            if record.backend == "local":
-                exit_code = self.local.stop(self._get(session_id))
-                if exit_code is not None:
-                    self.store.update(session_id, exit_code=exit_code)
-            elif record.job_id:
-                self.cancel_job(record)
+        if not record.is_final:  # the route is gone before the process or job is stopped
+            self.life.move(session_id, SessionState.ENDED, current=record.state, stop=True, end_reason=reason)
         return session_view(self._get(session_id))
+
+    def _stop_backend(self, session_id: str) -> None:
+        """Stop what a session that just reached a final state still runs: its process or its batch job."""
+        record = self.store.get(session_id)
+        if record is None:
+            return
+        if record.backend == "local":
+            exit_code = self.local.stop(record)
+            if exit_code is not None:
+                self.store.update(session_id, exit_code=exit_code)
+        elif record.job_id:
+            self.cancel_job(record)
 
     def cancel_job(self, record: SessionRecord) -> None:
         """Cancel a session's batch job; a failure is recorded, the session stays ended."""
@@ -360,13 +365,7 @@ class Service:
         the job is cancelled so that an app that is only cut off (a node whose
         link is down) does not hold its node once it is back.
         """
-        if not self._finish(session_id, SessionState.FAILED, error=error):
-            return False
-        self.map.sync()
-        record = self.store.get(session_id)
-        if record is not None:
-            self.cancel_job(record)
-        return True
+        return self.life.move(session_id, SessionState.FAILED, stop=True, error=error)
 
     def usage(self, user: str | None = None) -> builtins.list[dict[str, Any]]:
         """Per user: live sessions and core-hours used in the limits' window (``pvw-hpc usage``)."""
@@ -441,11 +440,10 @@ class Service:
                 self.unreachable[cluster.name] = str(exc)[:300]
                 self.wake_poller()  # the poller clears the mark once the scheduler answers again
             error = f"could not submit the job to cluster {cluster.name!r}: {exc}"
-            self._finish(session_id, SessionState.FAILED, error=error)
+            self.life.move(session_id, SessionState.FAILED, current=SessionState.SUBMITTED, error=error)
             raise Unavailable(error, id=session_id, state=SessionState.FAILED.value) from exc
         self.store.update(session_id, job_id=job_id)
-        if self.store.transition(session_id, SessionState.QUEUED):
-            self.notify(session_id, SessionState.QUEUED)
+        self.life.move(session_id, SessionState.QUEUED, current=SessionState.SUBMITTED)
         self.wake_poller()
         cookie = f"{session_id}.{attach}"
         if not wait:
@@ -587,23 +585,12 @@ class Service:
             public["sessionManagerURL"] = payload["sessionManagerURL"]
         return public
 
-    def _finish(self, session_id: str, state: SessionState, **fields: Any) -> bool:
-        moved = self.store.transition(session_id, state, **fields)
-        if moved:
-            self.notify(session_id, state)
-        return moved
-
-    def notify(self, session_id: str, state: SessionState) -> None:
-        """A session changed state: rewrite the map (coalesced; a no-op when unchanged), wake waiters."""
-        self.map.request()
-        if state in (SessionState.ENDED, SessionState.FAILED):  # what was kept about its job is of no more use
+    def _moved(self, session_id: str, state: SessionState) -> None:
+        """After every move: forget what was kept about an ended session's job."""
+        if state in (SessionState.ENDED, SessionState.FAILED):
             self.nodes.pop(session_id, None)
             self._refused.pop(session_id, None)
             self._node_asked.pop(session_id, None)
-        with self._events_lock:
-            event = self._events.get(session_id)
-        if event is not None:
-            event.set()
 
     def _wait_ready(self, session_id: str, timeout_s: float, attach_cookie: str | None = None,
                     creator_key: str | None = None) -> LaunchResult:
@@ -613,11 +600,8 @@ class Service:
         session is not: it is still queued or starting, so the 503 says so and
         carries a cookie that lets the client's retry wait for the same job.
         """
-        event = threading.Event()
-        with self._events_lock:
-            self._events[session_id] = event
         deadline = time.monotonic() + timeout_s
-        try:
+        with self.life.waiting(session_id) as event:
             while True:
                 record = self._get(session_id)
                 if record.state == SessionState.READY:
@@ -633,14 +617,10 @@ class Service:
                         raise Unavailable(self._pending_message(record), cookie=attach_cookie,
                                           id=session_id, state=record.state.value)
                     error = f"not ready before the timeout; see the session log {record.log_path}"
-                    self._finish(session_id, SessionState.FAILED, error=error)
-                    self.local.stop(self._get(session_id))
+                    self.life.move(session_id, SessionState.FAILED, current=record.state, stop=True, error=error)
                     raise Unavailable(error, id=session_id, state=SessionState.FAILED.value)
                 event.wait(min(remaining, 0.25))  # also re-reads: another process may move it
                 event.clear()
-        finally:
-            with self._events_lock:
-                self._events.pop(session_id, None)
 
     def _pending_message(self, record: SessionRecord) -> str:
         if record.state == SessionState.STARTING:
