@@ -20,14 +20,16 @@ hung file system (a dead NFS server) stalls one read, never the poller.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -50,6 +52,8 @@ def _warn_once(path: str, why: str) -> None:
     with _warned_lock:
         if path in _warned:
             return
+        if len(_warned) > 10000:  # bounded: a flood of odd files must not grow memory
+            _warned.clear()
         _warned.add(path)
     log.warning("not reading %s: %s (treated as absent)", path, why)
 
@@ -66,8 +70,8 @@ def open_checked(path: str | os.PathLike[str]) -> int:
         try:
             fd = os.open(path.name, _OPEN_FLAGS, dir_fd=dir_fd)
         except OSError as exc:
-            if exc.errno == 40:  # ELOOP: the last component is a symlink
-                raise RefusedFile(40, "a symbolic link", str(path)) from None
+            if exc.errno == errno.ELOOP:  # the last component is a symlink
+                raise RefusedFile(errno.ELOOP, "a symbolic link", str(path)) from None
             raise
         folder_uid = os.fstat(dir_fd).st_uid
     finally:
@@ -80,64 +84,64 @@ def open_checked(path: str | os.PathLike[str]) -> int:
         problem = f"owned by uid {info.st_uid}, not by the folder's owner (uid {folder_uid})"
     if problem is not None:
         os.close(fd)
-        raise RefusedFile(1, problem, str(path))
+        raise RefusedFile(errno.EPERM, problem, str(path))
     return fd
+
+
+@contextmanager
+def _opened(path: str | os.PathLike[str]) -> Iterator[int | None]:
+    """The fd of ``path`` checked by :func:`open_checked`, or None (absent; refused: logged once); closed after."""
+    try:
+        fd = open_checked(path)
+    except RefusedFile as exc:
+        _warn_once(str(path), exc.strerror or "refused")
+        yield None
+        return
+    except OSError:
+        yield None
+        return
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def read_range(path: str | os.PathLike[str], offset: int, limit: int) -> tuple[bytes, int] | None:
     """Up to ``limit`` bytes from ``offset`` and the file's size; None when absent or refused."""
-    try:
-        fd = open_checked(path)
-    except RefusedFile as exc:
-        _warn_once(str(path), exc.strerror or "refused")
-        return None
-    except OSError:
-        return None
-    try:
-        size = os.fstat(fd).st_size
-        return os.pread(fd, max(0, min(limit, size - offset)), offset) if offset < size else b"", size
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    with _opened(path) as fd:
+        if fd is None:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            return (os.pread(fd, max(0, min(limit, size - offset)), offset) if offset < size else b""), size
+        except OSError:
+            return None
 
 
 def read_tail(path: str | os.PathLike[str], limit: int) -> bytes | None:
     """The last ``limit`` bytes of a file; None when absent or refused."""
-    try:
-        fd = open_checked(path)
-    except RefusedFile as exc:
-        _warn_once(str(path), exc.strerror or "refused")
-        return None
-    except OSError:
-        return None
-    try:
-        size = os.fstat(fd).st_size
-        return os.pread(fd, min(limit, size), max(0, size - limit))
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    with _opened(path) as fd:
+        if fd is None:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            return os.pread(fd, min(limit, size), max(0, size - limit))
+        except OSError:
+            return None
 
 
 def read_small(path: str | os.PathLike[str], limit: int = SMALL_FILE_BYTES) -> str | None:
     """A small text file (a number, one line) stripped; None when absent, refused or larger than ``limit``."""
-    try:
-        fd = open_checked(path)
-    except RefusedFile as exc:
-        _warn_once(str(path), exc.strerror or "refused")
-        return None
-    except OSError:
-        return None
-    try:
-        if os.fstat(fd).st_size > limit:
-            _warn_once(str(path), f"larger than {limit} bytes")
+    with _opened(path) as fd:
+        if fd is None:
             return None
-        return os.pread(fd, limit, 0).decode("utf-8", "replace").strip()
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+        try:
+            if os.fstat(fd).st_size > limit:
+                _warn_once(str(path), f"larger than {limit} bytes")
+                return None
+            return os.pread(fd, limit, 0).decode("utf-8", "replace").strip()
+        except OSError:
+            return None
 
 
 class BoundedReader:
