@@ -436,7 +436,7 @@ class Service:
             )
             job_id = adapter.submit(job_script)
         except (OSError, BatchError, CommandFailed) as exc:
-            if "Unable to contact" in str(exc) or (isinstance(exc, BatchError) and exc.returncode is None):
+            if isinstance(exc, BatchError) and exc.unreachable:  # the adapter's verdict, not a string match
                 self.unreachable[cluster.name] = str(exc)[:300]
                 self.wake_poller()  # the poller clears the mark once the scheduler answers again
             error = f"could not submit the job to cluster {cluster.name!r}: {exc}"

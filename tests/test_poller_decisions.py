@@ -210,3 +210,21 @@ def test_a_silent_app_is_lost_after_unreachable_after_s(world: tuple[Service, Po
     record = service.store.get(sid)
     assert record is not None and record.state == SessionState.FAILED and "did not answer" in str(record.error)
     assert job in fake.cancelled
+
+
+@pytest.mark.parametrize("unreachable", [False, True])
+def test_a_refused_submit_is_not_an_unreachable_scheduler(world: tuple[Service, Poller, ScriptedScheduler],
+                                                          unreachable: bool) -> None:
+    """The adapter says which it is (BatchError.unreachable): the service matches no scheduler's words."""
+    service, _poller, fake = world
+    fake.refuse_submit, fake.unreachable = "sbatch: error: invalid partition specified: nope", unreachable
+    with pytest.raises(Unavailable, match="invalid partition"):
+        service.launch({"application": "viz"}, wait=False)
+    assert ("fake" in service.unreachable) is unreachable
+    fake.refuse_submit = None
+    if unreachable:  # until the poller sees the scheduler answer again: 503 at once, nothing submitted
+        with pytest.raises(Unavailable, match="not answering"):
+            service.launch({"application": "viz"}, wait=False)
+        assert fake.submitted == []
+    else:
+        assert service.launch({"application": "viz"}, wait=False).status == 202

@@ -83,13 +83,21 @@ class JobInfo:
 
 
 class BatchError(Exception):
-    """A submit or cancel failed; carries what the scheduler said."""
+    """A submit or cancel failed; carries what the scheduler said.
 
-    def __init__(self, message: str, argv: Sequence[str] = (), returncode: int | None = None, stderr: str = ""):
+    ``unreachable`` is the adapter's verdict that the scheduler itself did not answer (its
+    controller is down or cannot be reached), as opposed to refusing this one request: the
+    service then answers further launches on that cluster with 503 at once until the poller
+    sees the scheduler answer again. Only the adapter knows its scheduler's words for that.
+    """
+
+    def __init__(self, message: str, argv: Sequence[str] = (), returncode: int | None = None, stderr: str = "",
+                 unreachable: bool = False):
         super().__init__(message)
         self.argv = list(argv)
         self.returncode = returncode
         self.stderr = stderr
+        self.unreachable = unreachable
 
 
 class BatchAdapter(Protocol):

@@ -129,7 +129,8 @@ class HTCondorAdapter:
             except Exception as exc:  # the bindings raise HTCondorException, ValueError, RuntimeError...
                 # no return code marks "the scheduler does not answer" (503s for a while): only for those
                 unreachable = any(w in str(exc) for w in ("Unable to locate", "Failed to connect", "connect to"))
-                raise BatchError(f"HTCondor submit failed: {exc}", returncode=None if unreachable else 1) from None
+                raise BatchError(f"HTCondor submit failed: {exc}", returncode=None if unreachable else 1,
+                                 unreachable=unreachable) from None
             job_id = JobId(f"{result.cluster()}.0")
             self._follows[job_id] = _Follow(script.workdir / EVENT_LOG)
             return job_id

@@ -252,7 +252,11 @@ class PbsAdapter:
             result = self.runner.run(argv, attempts=1, prefix=prefix, umask=SUBMIT_UMASK, cwd=str(script.workdir))
         except CommandFailed as exc:
             detail = (exc.stderr or exc.stdout).strip()[:300] or exc.why
-            raise BatchError(f"qsub failed: {detail}", exc.argv, exc.returncode, exc.stderr) from None
+            # no exit code: it hung; the Torque wrappers relay sbatch's "Unable to contact"; PBS's own words
+            unreachable = exc.returncode is None or any(
+                words in exc.stderr for words in ("Unable to contact", "cannot connect to server", "Connection refused"))
+            raise BatchError(f"qsub failed: {detail}", exc.argv, exc.returncode, exc.stderr,
+                             unreachable=unreachable) from None
         return parse_submit(result.stdout)
 
     def poll(self, job_ids: Collection[JobId]) -> dict[JobId, JobInfo]:

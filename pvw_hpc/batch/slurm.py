@@ -186,8 +186,10 @@ class SlurmAdapter:
             result = self.runner.run(["sbatch", "--parsable", str(script.path)], attempts=1, prefix=prefix,
                                      umask=SUBMIT_UMASK)
         except CommandFailed as exc:
+            # no exit code: it hung and was killed; "Unable to contact": slurmctld does not answer
+            unreachable = exc.returncode is None or "Unable to contact" in exc.stderr
             raise BatchError(f"sbatch{_as(prefix, script.user)} failed: {exc.why}", exc.argv, exc.returncode,
-                             exc.stderr) from None
+                             exc.stderr, unreachable=unreachable) from None
         return parse_submit(result.stdout)
 
     def poll(self, job_ids: Collection[JobId]) -> dict[JobId, JobInfo]:

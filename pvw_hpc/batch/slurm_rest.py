@@ -314,8 +314,8 @@ class SlurmRestAdapter:
                 with attempt:
                     response = requests.request(method, url, headers=headers, json=body, timeout=self.timeout_s)
         except requests.RequestException as exc:
-            # returncode None: the service reads this as "scheduler unreachable"
-            raise BatchError(f"slurmrestd {method} {url}: {type(exc).__name__}: {exc}", [method, url]) from None
+            raise BatchError(f"slurmrestd {method} {url}: {type(exc).__name__}: {exc}", [method, url],
+                             unreachable=True) from None
         try:
             parsed: Any = response.json()
         except (ValueError, json.JSONDecodeError):
@@ -324,4 +324,7 @@ class SlurmRestAdapter:
 
     def _error(self, what: str, answer: _Answer) -> BatchError:
         body = answer.body if isinstance(answer.body, str) else json.dumps(answer.body)[:2000]
-        return BatchError(f"slurmrestd {what} failed: {answer.why()}", [what], answer.status, body)
+        why = answer.why()
+        # slurmrestd answers, but slurmctld behind it does not (its own words), or a proxy in front says so
+        unreachable = "Unable to contact" in why or "Unable to contact" in body or answer.status in (502, 503, 504)
+        return BatchError(f"slurmrestd {what} failed: {why}", [what], answer.status, body, unreachable=unreachable)

@@ -42,7 +42,8 @@ class ScriptedScheduler:
     submitted: list[JobScript] = field(default_factory=list)
     cancelled: list[JobId] = field(default_factory=list)
     polls: list[set[JobId]] = field(default_factory=list)
-    refuse_submit: str | None = None
+    refuse_submit: str | None = None  # sbatch's words for a refusal (a bad partition, say)
+    unreachable: bool = False  # with refuse_submit: the adapter's verdict that the scheduler does not answer
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1000))
 
     def script(self, job_id: JobId, *answers: JobInfo) -> None:
@@ -51,7 +52,7 @@ class ScriptedScheduler:
 
     def submit(self, script: JobScript) -> JobId:
         if self.refuse_submit is not None:
-            raise BatchError(self.refuse_submit)
+            raise BatchError(self.refuse_submit, returncode=1, unreachable=self.unreachable)
         self.submitted.append(script)
         job_id = JobId(str(next(self._ids)))
         self.answers.setdefault(job_id, deque([QUEUED]))
