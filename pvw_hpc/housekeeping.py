@@ -15,10 +15,10 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import shutil
-import threading
 import time
 from pathlib import Path
 
+from .loops import BackgroundLoop
 from .service import Service
 from .states import FINAL_STATES, SessionState
 from .store import SessionRecord, utcnow
@@ -51,26 +51,22 @@ class Housekeeper:
     def __init__(self, service: Service):
         self.service = service
         self._last_seen: dict[str, float] = {}  # session -> monotonic time a client was last connected
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = BackgroundLoop("pvw-housekeeper", self._step, after_error_s=TICK_S)
+        self._first = True
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="pvw-housekeeper", daemon=True)
-            self._thread.start()
+        self._first = True
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        self._loop.stop()
 
-    def _run(self) -> None:
-        while not self._stop.wait(TICK_S):
-            try:
-                self.tick()
-            except Exception:  # housekeeping must never take the launcher down
-                log.exception("housekeeping pass failed")
+    def _step(self) -> float:
+        if self._first:  # the first pass comes one tick after the start, as before
+            self._first = False
+            return TICK_S
+        self.tick()
+        return TICK_S
 
     def tick(self) -> dict[str, int]:
         counts = {"max_age": 0, "idle": 0, "purged": 0}

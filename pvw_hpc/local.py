@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from . import procs, userfiles
+from .loops import BackgroundLoop
 from .states import SessionState
 from .store import SessionRecord, Store
 
@@ -71,24 +72,15 @@ class LocalBackend:
         self.move = move
         self._watches: dict[str, _Watch] = {}
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = BackgroundLoop("pvw-local-monitor", self._step)
 
     # -- life cycle of the monitor -------------------------------------------------------
 
     def start_monitor(self) -> None:
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="pvw-local-monitor", daemon=True)
-            self._thread.start()
+        self._loop.start()
 
     def stop_monitor(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        self._loop.stop(timeout_s=5)
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -137,7 +129,7 @@ class LocalBackend:
             return
         with self._lock:
             self._watches[record.id] = watch
-        self._wake.set()
+        self._loop.wake()
 
     def stop(self, record: SessionRecord) -> int | None:
         """Stop the process of a session already moved to a final state.
@@ -165,7 +157,7 @@ class LocalBackend:
         )
         with self._lock:
             self._watches[record.id] = watch
-        self._wake.set()
+        self._loop.wake()
         return True
 
     def watched(self) -> set[str]:
@@ -174,18 +166,16 @@ class LocalBackend:
 
     # -- monitor ---------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with self._lock:
-                watches = list(self._watches.values())
-            for watch in watches:
-                try:
-                    self._check(watch)
-                except Exception:  # one odd session must not stop the monitor
-                    log.exception("monitor: checking session %s", watch.session_id)
-            starting = any(w.state == SessionState.STARTING for w in watches)
-            self._wake.wait(FAST_TICK_S if starting else SLOW_TICK_S)
-            self._wake.clear()
+    def _step(self) -> float:
+        """One pass of the monitor: check every watched session; fast while any is starting."""
+        with self._lock:
+            watches = list(self._watches.values())
+        for watch in watches:
+            try:
+                self._check(watch)
+            except Exception:  # one odd session must not stop the monitor
+                log.exception("monitor: checking session %s", watch.session_id)
+        return FAST_TICK_S if any(w.state == SessionState.STARTING for w in watches) else SLOW_TICK_S
 
     def _check(self, watch: _Watch) -> None:
         if watch.state == SessionState.STARTING and self._is_ready(watch):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import logging
 import re
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from . import userfiles
 from .batch.base import BatchError, JobId, JobInfo, JobState, Presence
 from .jobs import job_name
 from .local import log_tail
+from .loops import BackgroundLoop
 from .probe import reachable
 from .service import Service
 from .states import SessionState
@@ -66,39 +66,27 @@ class Poller:
         self._reach: dict[str, _Reach] = {}  # cluster -> what the probes of its ready apps found
         # job folders belong to the jobs' users: their files are read off this thread, with a deadline
         self.files = userfiles.BoundedReader()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = BackgroundLoop("pvw-poller", self._step)
+        self._last_reconcile = time.monotonic()  # serve runs the startup reconcile before listening
         self.cycles = 0
         self.moves = 0  # state changes made, for tests and benchmarks
 
     def start(self) -> None:
-        if self._thread is None and self.service.adapters:
-            self.service.poller_wake = self._wake.set
-            self._thread = threading.Thread(target=self._run, name="pvw-poller", daemon=True)
-            self._thread.start()
+        if self.service.adapters and not self._loop.running:
+            self.service.poller_wake = self._loop.wake
+            self._last_reconcile = time.monotonic()
+            self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        self._loop.stop()
         self.files.close()
 
-    def _run(self) -> None:
-        last_reconcile = time.monotonic()  # serve ran the startup reconcile before listening
-        while not self._stop.is_set():
-            try:
-                if time.monotonic() - last_reconcile >= RECONCILE_EVERY_S:
-                    self.reconcile()
-                    last_reconcile = time.monotonic()
-                interval = self.tick()
-            except Exception:  # the poller must outlive any one bad cycle
-                log.exception("poller cycle failed")
-                interval = 5.0
-            self._wake.wait(interval)
-            self._wake.clear()
+    def _step(self) -> float:
+        """One pass of the background loop: the periodic reconcile when due, then a cycle."""
+        if time.monotonic() - self._last_reconcile >= RECONCILE_EVERY_S:
+            self._last_reconcile = time.monotonic()
+            self.reconcile()
+        return self.tick()
 
     # -- jobs and sessions agree -------------------------------------------------------------
 
