@@ -62,15 +62,6 @@ def bindings(condor_config: str | None) -> Any:
     return htcondor2
 
 
-def _is_own_regular_file(path: Path) -> bool:
-    """The event log lives in the job's folder (job_user's): the bindings open it by name, so check it first."""
-    try:
-        os.close(userfiles.open_checked(path))
-    except OSError:
-        return False
-    return True
-
-
 def node_of(slot: str | None) -> str | None:
     """The execute host of a slot name (``slot1_1@node7`` -> ``node7``)."""
     if not slot:
@@ -197,9 +188,14 @@ class HTCondorAdapter:
     def _read(self, follow: _Follow) -> None:
         """Apply the events appended since the last read (never blocks)."""
         if follow.log is None:
-            if not follow.path.exists() or not _is_own_regular_file(follow.path):
+            try:  # the folder is job_user's: open the file we checked, not whatever the name points to later
+                fd = userfiles.open_checked(follow.path)
+            except OSError:
                 return  # not there yet, or not a file the schedd wrote (a link, a FIFO): the queue still answers
-            follow.log = self.htcondor.JobEventLog(str(follow.path))
+            try:
+                follow.log = self.htcondor.JobEventLog(f"/proc/self/fd/{fd}")  # the bindings open that same file
+            finally:
+                os.close(fd)
         types = self.htcondor.JobEventType
         for event in follow.log.events(stop_after=0):
             kind = event.type
