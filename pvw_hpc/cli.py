@@ -74,7 +74,8 @@ class _Connection:
             if threads:  # a launch needs the monitor, poller and map writer, not a recovery pass
                 _prepare_folders(self.service.config)
                 self.service.map.start()
-                self.service.local.start_monitor()
+                for backend in self.service.backends.values():
+                    backend.start()
                 self.poller = Poller(self.service)
                 self.poller.start()
             self.client = LocalClient(self.service)

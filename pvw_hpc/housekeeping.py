@@ -68,6 +68,11 @@ class Housekeeper:
         self.tick()
         return TICK_S
 
+    def _sees_clients(self, backend: str) -> bool:
+        """Whether the launcher itself can see a session's clients (local: this machine's TCP table)."""
+        found = self.service.backends.get(backend)
+        return bool(found is not None and found.sees_clients)
+
     def tick(self) -> dict[str, int]:
         counts = {"max_age": 0, "idle": 0, "purged": 0}
         now = utcnow()
@@ -80,7 +85,7 @@ class Housekeeper:
                 self._end(record, f"maximum age of {app.max_age_s:g} s reached")
                 counts["max_age"] += 1
                 continue
-            if app.idle_timeout_s and record.backend == "local" and record.state == SessionState.READY:
+            if app.idle_timeout_s and self._sees_clients(record.backend) and record.state == SessionState.READY:
                 connected = established_ports() if connected is None else connected
                 if self._idle(record, record.port in connected, app.idle_timeout_s):
                     self._end(record, f"idle: no client for {app.idle_timeout_s:g} s")

@@ -20,15 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from . import userfiles
-from .batch.base import BatchError, JobId, JobInfo, JobState, Presence
-from .jobs import job_name
+from .backends import ClusterSessions
+from .batch.base import JobId, JobInfo, JobState, Presence
 from .local import log_tail
 from .loops import BackgroundLoop
 from .probe import reachable
 from .service import Service
 from .states import SessionState
 from .store import TrackedJob
-from .validate import is_session_id, is_valid_host, is_valid_port
+from .validate import is_valid_host, is_valid_port
 
 log = logging.getLogger(__name__)
 
@@ -91,54 +91,19 @@ class Poller:
     # -- jobs and sessions agree -------------------------------------------------------------
 
     def reconcile(self, startup: bool = False) -> dict[str, int]:
-        """Make every cluster's live ``pvw-<id>`` jobs and our sessions agree (after a crash, say).
-
-        The session row is written before its job is submitted and the job name
-        carries the session id, so: a job whose session never got its job id is
-        adopted; a job whose session is over, or that has no session at all but
-        lives in our job folder, is cancelled; and at ``startup`` (before any
-        request is served) a session still waiting for a job id with no job
-        behind it failed before its submit went through.
-        """
+        """Every cluster's jobs by name against our sessions (see :meth:`ClusterSessions.reconcile`)."""
         counts = {"adopted": 0, "cancelled": 0, "failed": 0}
-        for name, cluster in self.service.config.clusters.items():
-            adapter = self.service.adapters[name]
-            try:
-                jobs = adapter.find_named(job_name(""))
-            except (BatchError, NotImplementedError) as exc:
-                log.warning("cluster %s: cannot list jobs by name to reconcile: %s", name, exc)
-                continue
-            named = {info.name[len(job_name("")):]: info for info in jobs.values() if info.name}
-            for session_id, info in named.items():
-                if not is_session_id(session_id):
-                    continue
-                record = self.store.get(session_id)
-                ours = info.workdir is not None and Path(info.workdir) == cluster.job_dir / session_id
-                if record is None or record.backend != name:
-                    if ours:  # submitted by a launcher that died before committing anything else
-                        self._cancel(name, info.job_id, f"job {info.job_id} has no session")
-                        counts["cancelled"] += 1
-                elif record.is_final:
-                    self._cancel(name, info.job_id, f"job {info.job_id} outlived its session {session_id}")
-                    counts["cancelled"] += 1
-                elif record.job_id is None:
-                    self.store.update(session_id, job_id=info.job_id)
-                    self.service.life.move(session_id, SessionState.QUEUED, current=record.state)
-                    log.info("adopted job %s of session %s", info.job_id, session_id)
-                    counts["adopted"] += 1
-            for job in self.store.tracked(name) if startup else []:
-                if job.job_id is None and job.state == SessionState.SUBMITTED and job.id not in named:
-                    self._move(job, SessionState.FAILED,
-                               error="the launcher stopped before the job was submitted; nothing is running")
-                    counts["failed"] += 1
+        for name in self.service.config.clusters:
+            backend = self.service.backends[name]
+            assert isinstance(backend, ClusterSessions)
+            for key, value in backend.reconcile(startup).items():
+                counts[key] += value
         return counts
 
     def _cancel(self, cluster: str, job_id: JobId, why: str) -> None:
-        log.warning("%s: cancelling it", why)
-        try:
-            self.service.adapters[cluster].cancel(job_id)
-        except BatchError as exc:
-            log.error("cancelling job %s failed: %s", job_id, exc)
+        backend = self.service.backends[cluster]
+        assert isinstance(backend, ClusterSessions)
+        backend.cancel(job_id, why)
 
     # -- one cycle --------------------------------------------------------------------------
 

@@ -60,9 +60,7 @@ def serve(config: LauncherConfig) -> None:
         log.info("pinned to CPU %d (pin_cpu); apps still get every CPU", cpu)
     service = Service(config)
     service.start()
-    poller = Poller(service)
-    if config.clusters:
-        log.info("reconciled jobs and sessions: %s", poller.reconcile(startup=True))
+    poller = Poller(service)  # the clusters' startup reconcile ran in service.start() (each backend recovers)
     poller.start()
     housekeeper = Housekeeper(service)
     housekeeper.start()

@@ -14,7 +14,6 @@ import hmac
 import logging
 import secrets
 import time
-import uuid
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,26 +22,23 @@ from urllib.parse import urlsplit
 
 from . import jobs, limits
 from .auth import ANONYMOUS_USER, LOCAL_ADMIN, USER_RE, Authenticator, Identity, as_bytes, same_secret
+from .backends import Backend, ClusterSessions, LocalSessions
 from .batch import make_adapter
-from .batch.base import BatchAdapter, BatchError, JobId, Presence
-from .batch.runner import CommandFailed
+from .batch.base import BatchAdapter, JobId, Presence
+from .clusters import LOCAL_BACKEND
 from .config import AppConfig, LauncherConfig
 from .connections import client_key
 from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized, Unavailable
 from .lifecycle import Lifecycle
-from .local import LocalBackend, find_unrecorded
+from .local import LocalBackend
 from .mapfile import MapWriter
-from .ports import candidates
-from .procs import terminate_group
 from .routes import RoutePolicy
 from .states import SessionState
-from .store import PortTaken, SessionRecord, Store
-from .substitute import Rendered, render, substitute
+from .store import SessionRecord, Store
 from .validate import is_session_id, is_valid_host, is_valid_port
 
 log = logging.getLogger(__name__)
 
-WAIT_GRACE_S = 1.0  # the monitor enforces the timeout; the POST waits a little longer for its verdict
 NODE_ASK_EVERY_S = 2.0  # a callback for a job whose node the poller has not seen asks the scheduler at most this often
 
 
@@ -103,7 +99,7 @@ def session_view(record: SessionRecord) -> dict[str, Any]:
         "port": record.port,
         "sessionURL": session_url(record),
     }
-    if record.backend != "local":
+    if record.job_dir is not None:  # a batch job (its folder is made with the row): the scheduler's view too
         view["cluster"] = record.backend
         view["job_id"] = record.job_id
         view["scheduler_state"] = record.native_state
@@ -128,8 +124,11 @@ class Service:
         self.life = Lifecycle(self.store, self.map)  # every state change goes through it
         self.life.stop_backend = self._stop_backend
         self.life.on_moved = self._moved
-        self.local = LocalBackend(self.store, self.life.move)
+        self.local = LocalBackend(self.store, self.life.move)  # the local processes' monitor
         self.adapters: dict[str, BatchAdapter] = {name: make_adapter(c) for name, c in config.clusters.items()}
+        # where sessions run, one backend per place; the service never asks which kind it holds
+        self.backends: dict[str, Backend] = {LOCAL_BACKEND: LocalSessions(self)}
+        self.backends.update({name: ClusterSessions(self, cluster) for name, cluster in config.clusters.items()})
         self.auth = Authenticator(config.auth)
         self.unreachable: dict[str, str] = {}  # cluster -> why its scheduler is not answering (set by the poller)
         self.routes = {name: RoutePolicy(c) for name, c in config.clusters.items()}
@@ -142,41 +141,20 @@ class Service:
     def start(self) -> None:
         """Recover from the last run, then start the background threads."""
         self.config.log_dir.mkdir(parents=True, exist_ok=True)
-        self.recover()
+        log.info("recovered from the last run: %s", self.recover())
         self.map.start()
-        self.local.start_monitor()
+        for backend in self.backends.values():
+            backend.start()
 
     def close(self) -> None:
-        self.local.stop_monitor()
+        for backend in self.backends.values():
+            backend.close()
         self.map.stop()
         self.store.close()
 
-    def recover(self) -> dict[str, int]:
-        """Re-attach to live sessions, end the rest, rebuild the map. Returns counts for the log."""
-        counts = {"adopted": 0, "ended": 0, "failed": 0}
-        watched = self.local.watched()
-        for record in self.store.active(backend="local"):
-            if record.id in watched:
-                continue
-            app = self.config.apps.get(record.application)
-            ready_line = app.ready_line if app else None
-            timeout_s = self.config.app_timeout_s(app) if app else self.config.timeout_s
-            if record.pid is None:
-                for pid in find_unrecorded(record.id):
-                    terminate_group(pid, None)
-                self.life.move(record.id, SessionState.FAILED, sync_map=False,
-                               error="the launcher stopped before the process was recorded")
-                counts["failed"] += 1
-            elif self.local.adopt(record, ready_line, timeout_s):
-                counts["adopted"] += 1
-            elif record.state == SessionState.READY:
-                self.life.move(record.id, SessionState.ENDED, sync_map=False,
-                               end_reason="the process exited while the launcher was down")
-                counts["ended"] += 1
-            else:
-                self.life.move(record.id, SessionState.FAILED, sync_map=False,
-                               error="the process exited before it was ready, while the launcher was down")
-                counts["failed"] += 1
+    def recover(self) -> dict[str, dict[str, int]]:
+        """Every backend adopts, ends or fails what the last run left; then the map is rebuilt once."""
+        counts = {name: backend.recover() for name, backend in self.backends.items()}
         self.map.write_now()
         return counts
 
@@ -201,23 +179,12 @@ class Service:
         pending = self._attached(attach, app)
         if pending is not None:
             return self._wait_ready(pending.id, self.config.app_timeout_s(app), attach_cookie=attach)
-        if app.cluster is not None:
-            return self._launch_batch(app, payload, wait, requester)
-        session_id = str(uuid.uuid4())
-        secret = secrets.token_hex(16)
-        record, rendered = self._reserve(app, payload, session_id, secret, requester)
-        timeout_s = self.config.app_timeout_s(app)
-        env = {key: substitute(value, rendered.variables) for key, value in app.env.items()}
-        try:
-            self.local.spawn(record, argv=list(rendered.argv), env=env, cwd=app.cwd,
-                             ready_line=app.ready_line, timeout_s=timeout_s)
-        except OSError as exc:
-            error = f"the process did not start: {exc}; session log {record.log_path}"
-            self.life.move(record.id, SessionState.FAILED, error=error)
-            raise Unavailable(error, id=record.id, state=SessionState.FAILED.value) from exc
+        started = self.backends[app.cluster or LOCAL_BACKEND].launch(app, payload, requester)
         if not wait:
-            return LaunchResult(202, self._creator_view(record.id), record.id, creator_key=requester.creator_key)
-        return self._wait_ready(record.id, timeout_s + WAIT_GRACE_S, creator_key=requester.creator_key)
+            return LaunchResult(202, self._creator_view(started.session_id), started.session_id, started.cookie,
+                                requester.creator_key)
+        return self._wait_ready(started.session_id, started.wait_s, attach_cookie=started.cookie,
+                                creator_key=requester.creator_key)
 
     def render_job(self, application: str, payload: Mapping[str, Any] | None = None) -> tuple[str, str]:
         """The exact script a launch of ``application`` would submit, and its template file (dry run)."""
@@ -332,31 +299,9 @@ class Service:
     def _stop_backend(self, session_id: str) -> None:
         """Stop what a session that just reached a final state still runs: its process or its batch job."""
         record = self.store.get(session_id)
-        if record is None:
-            return
-        if record.backend == "local":
-            exit_code = self.local.stop(record)
-            if exit_code is not None:
-                self.store.update(session_id, exit_code=exit_code)
-        elif record.job_id:
-            self.cancel_job(record)
-
-    def cancel_job(self, record: SessionRecord) -> None:
-        """Cancel a session's batch job; a failure is recorded, the session stays ended."""
-        adapter = self.adapters.get(record.backend)
-        if adapter is None or not record.job_id:
-            return
-        try:
-            cluster = self.config.clusters.get(record.backend)
-            # who the job runs as is known from the launch (no stat of the user's folder, which may hang)
-            owner = record.owner if cluster is not None and cluster.submit_prefix else None
-            if owner:  # a job submitted as the user is cancelled as the user, through the same prefix
-                adapter.cancel(JobId(record.job_id), user=owner)
-            else:
-                adapter.cancel(JobId(record.job_id))
-        except (BatchError, CommandFailed) as exc:
-            log.error("could not cancel job %s of session %s: %s", record.job_id, record.id, exc)
-            self.store.update(record.id, error=f"cancelling job {record.job_id} failed: {exc}")
+        backend = self.backends.get(record.backend) if record is not None else None
+        if record is not None and backend is not None:  # a cluster removed from the config has no backend
+            backend.stop(record)
 
     def lose(self, session_id: str, error: str) -> bool:
         """The launcher gave up on a live batch session (its app stopped answering): fail it, cancel its job.
@@ -392,68 +337,6 @@ class Service:
         return len(self.store.ready_routes())
 
     # -- internals -------------------------------------------------------------------------
-
-    def _launch_batch(self, app: AppConfig, payload: Mapping[str, Any], wait: bool, requester: Requester) -> LaunchResult:
-        """Write the job files, record the session, then submit: the row exists before the job."""
-        assert app.cluster is not None
-        cluster = self.config.clusters[app.cluster]
-        adapter = self.adapters[cluster.name]
-        down = self.unreachable.get(cluster.name)
-        if down is not None:  # answer at once instead of letting sbatch hang on a dead controller
-            raise Unavailable(f"the scheduler of cluster {cluster.name!r} is not answering ({down}); "
-                              "running sessions are kept; try again later")
-        session_id = str(uuid.uuid4())
-        secret, token, attach = secrets.token_hex(16), secrets.token_urlsafe(32), secrets.token_urlsafe(24)
-        rendered = render(self.config, app, payload, {"id": session_id, "user": requester.user, **jobs.SENTINELS})
-        env = {key: substitute(value, rendered.variables) for key, value in app.env.items()}
-        resources = jobs.merged_resources(cluster, dict(app.resources))
-        walltime = payload.get("walltime")
-        if walltime is not None:  # a portal may ask for a shorter or longer session, within max_walltime
-            if limits.walltime_seconds(walltime) is None:
-                raise BadRequest("'walltime' must be minutes or [D-]HH:MM:SS")
-            resources["time"] = walltime
-        cores = (resources.get("cpus") or 1) * (resources.get("nodes") or 1)
-        walltime_s = limits.walltime_seconds(resources["time"]) if resources.get("time") else None
-        script, _template = jobs.render_script(cluster, session_id, resources)
-        body = jobs.render_body(cluster, session_id, resources)
-        files = jobs.job_files(cluster, session_id)
-        record = self.store.create(
-            guard=requester.guard(self.config, app.name, cores, walltime_s),
-            id=session_id, application=app.name, backend=cluster.name, holds_port=False, secret=secret,
-            argv=list(rendered.argv), session_url=rendered.session_url, public=self._public(payload, rendered),
-            return_secret=self._app_gets_secret(app), log_path=str(files.log), job_dir=str(files.dir),
-            token_hash=sha256(token), attach_hash=sha256(attach), owner=requester.owner, creator=requester.creator,
-            creator_hash=requester.creator_hash, cores=cores,
-        )
-        try:
-            job_script = jobs.write_job_files(
-                cluster, session_id, script=script, argv=list(rendered.argv), env=env, ready_line=app.ready_line,
-                port=app.port, cwd=app.cwd, secret=secret, token=token,
-                callback_url=self.listening_url if cluster.callback_url == "auto" else cluster.callback_url,
-                # run as the user (or the cluster's job account): the files are theirs
-                owner=requester.user if cluster.submit_prefix else cluster.job_user,
-                idle_timeout_s=app.idle_timeout_s, body=body,
-            )
-            job_id = adapter.submit(job_script)
-        except (OSError, BatchError, CommandFailed) as exc:
-            if isinstance(exc, BatchError) and exc.unreachable:  # the adapter's verdict, not a string match
-                self.unreachable[cluster.name] = str(exc)[:300]
-                self.wake_poller()  # the poller clears the mark once the scheduler answers again
-            error = f"could not submit the job to cluster {cluster.name!r}: {exc}"
-            self.life.move(session_id, SessionState.FAILED, current=SessionState.SUBMITTED, error=error)
-            raise Unavailable(error, id=session_id, state=SessionState.FAILED.value) from exc
-        self.store.update(session_id, job_id=job_id)
-        self.life.move(session_id, SessionState.QUEUED, current=SessionState.SUBMITTED)
-        self.wake_poller()
-        cookie = f"{session_id}.{attach}"
-        if not wait:
-            return LaunchResult(202, self._creator_view(record.id), record.id, cookie, requester.creator_key)
-        return self._wait_ready(session_id, self.config.app_timeout_s(app), attach_cookie=cookie,
-                                creator_key=requester.creator_key)
-
-    def _app_gets_secret(self, app: AppConfig) -> bool:
-        return any(jobs.SENTINELS["secret"] in part or jobs.SENTINELS["secret_file"] in part
-                   for part in render(self.config, app, {}, {"id": "x", **jobs.SENTINELS}).argv)
 
     def _attached(self, cookie: str | None, app: AppConfig) -> SessionRecord | None:
         """The pending session a retried POST's cookie names, if it is still worth waiting for."""
@@ -548,42 +431,6 @@ class Service:
         if record is None:
             raise NotFound(f"No session with id: {session_id}")
         return record
-
-    def _reserve(
-        self, app: AppConfig, payload: Mapping[str, Any], session_id: str, secret: str, requester: Requester
-    ) -> tuple[SessionRecord, Rendered]:
-        """Render the templates and insert the row holding a free host:port."""
-        held: dict[str, set[int]] = {}
-        for res in self.config.resources:
-            held.setdefault(res.host, self.store.held_ports(res.host))
-        for host, port in candidates(self.config.resources, held):
-            rendered = render(self.config, app, payload, {"id": session_id, "host": host, "port": str(port),
-                                                          "secret": secret, "user": requester.user})
-            try:
-                record = self.store.create(
-                    guard=requester.guard(self.config, app.name, 1, None),
-                    owner=requester.owner, creator=requester.creator, creator_hash=requester.creator_hash, cores=1,
-                    id=session_id, application=app.name, backend="local", host=host, port=port,
-                    holds_port=True, secret=secret, argv=list(rendered.argv), session_url=rendered.session_url,
-                    public=self._public(payload, rendered), return_secret=rendered.secret_in_argv,
-                    log_path=str(self.config.log_dir / f"{session_id}.txt"),
-                )
-            except PortTaken:
-                continue  # another request took it between our read and our insert
-            return record, rendered
-        # validate the request even when full, so a bad request is told so, not "busy"
-        render(self.config, app, payload, {"id": session_id, "host": "", "port": "", "secret": secret,
-                                           "user": requester.user})
-        raise Unavailable("All the resources are currently taken: no free port in 'resources'")
-
-    def _public(self, payload: Mapping[str, Any], rendered: Rendered) -> dict[str, Any]:
-        """The configured ``fields`` (and sessionManagerURL) known at launch; host and port are added later."""
-        source: dict[str, Any] = {**payload, **rendered.variables, **rendered.session_data}
-        skip = {"id", "sessionURL", "secret", "secret_file", "host", "port"}
-        public = {key: source[key] for key in self.config.fields if key in source and key not in skip}
-        if "sessionManagerURL" in payload:
-            public["sessionManagerURL"] = payload["sessionManagerURL"]
-        return public
 
     def _moved(self, session_id: str, state: SessionState) -> None:
         """After every move: forget what was kept about an ended session's job."""

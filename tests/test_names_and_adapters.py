@@ -16,6 +16,7 @@ import pytest
 
 from pvw_hpc.api.openapi import USER_PATTERN
 from pvw_hpc.auth import USER_RE
+from pvw_hpc.backends import Backend, ClusterSessions, LocalSessions
 from pvw_hpc.batch import ADAPTERS
 from pvw_hpc.batch.base import BatchAdapter, is_valid_user
 from pvw_hpc.clusters import check_clusters
@@ -69,3 +70,14 @@ def test_ordinary_cluster_names_are_accepted() -> None:
     clusters = check_clusters({n: {"scheduler": "slurm", "job_dir": "/srv/jobs"} for n in names},
                               lambda path, message: errors.append(path), lambda *_: None)
     assert not errors and sorted(clusters) == sorted(names)
+
+
+@pytest.mark.parametrize("cls", [LocalSessions, ClusterSessions])
+def test_every_backend_has_the_interfaces_methods_and_signatures(cls: type) -> None:
+    """The service holds backends, never asks which kind: both must answer the whole protocol alike."""
+    assert hasattr(cls, "sees_clients")
+    for method in ("launch", "stop", "recover", "start", "close"):
+        expected = inspect.signature(getattr(Backend, method))
+        actual = inspect.signature(getattr(cls, method))
+        assert [(p.name, p.kind) for p in actual.parameters.values()] == \
+               [(p.name, p.kind) for p in expected.parameters.values()], f"{cls.__name__}.{method}"
