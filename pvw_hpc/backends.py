@@ -24,6 +24,7 @@ from .clusters import LOCAL_BACKEND, ClusterConfig
 from .config import AppConfig
 from .errors import BadRequest, Unavailable
 from .local import find_unrecorded
+from .policy import sha256
 from .ports import candidates
 from .procs import terminate_group
 from .states import SessionState
@@ -32,7 +33,8 @@ from .substitute import Rendered, render, substitute
 from .validate import is_session_id
 
 if TYPE_CHECKING:
-    from .service import Requester, Service
+    from .policy import Requester
+    from .service import Service
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +192,6 @@ class ClusterSessions:
 
     def launch(self, app: AppConfig, payload: Mapping[str, Any], requester: Requester) -> Started:
         """Write the job files, record the session, then submit: the row exists before the job."""
-        from .service import sha256
-
         service, cluster = self.service, self.cluster
         down = service.unreachable.get(cluster.name)
         if down is not None:  # answer at once instead of letting sbatch hang on a dead controller

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import builtins
 import datetime as dt
-import hashlib
 import hmac
 import logging
-import secrets
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -21,17 +19,17 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import jobs, limits
-from .auth import ANONYMOUS_USER, LOCAL_ADMIN, USER_RE, Authenticator, Identity, as_bytes, same_secret
+from .auth import LOCAL_ADMIN, Authenticator, Identity
 from .backends import Backend, ClusterSessions, LocalSessions
 from .batch import make_adapter
 from .batch.base import BatchAdapter, JobId, Presence
 from .clusters import LOCAL_BACKEND
 from .config import AppConfig, LauncherConfig
-from .connections import client_key
-from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized, Unavailable
+from .errors import BadRequest, Conflict, Forbidden, NotFound, Unavailable
 from .lifecycle import Lifecycle
 from .local import LocalBackend
 from .mapfile import MapWriter
+from .policy import AccessPolicy, sha256
 from .routes import RoutePolicy
 from .states import SessionState
 from .store import SessionRecord, Store
@@ -51,32 +49,6 @@ class LaunchResult:
     session_id: str
     cookie: str | None = None  # lets a retried POST re-attach to this pending batch session
     creator_key: str | None = None  # anonymous: the creator cookie to set (proves ownership later)
-
-
-@dataclass(frozen=True)
-class Requester:
-    """Who a launch is for, and what it costs: decided once, before anything is written.
-
-    ``user`` is ``${user}`` and the account a run-as-user job runs as; ``owner`` is who the
-    limits and usage count it for: the user, or for an anonymous browser its own creator
-    key (so one browser cannot spend every other browser's quota); ``creator`` is the
-    token name, or ``anonymous@<client address>`` (the per-address anonymous limit).
-    """
-
-    user: str
-    owner: str
-    creator: str
-    creator_hash: str | None
-    creator_key: str | None
-    anonymous: bool = False
-
-    def guard(self, config: LauncherConfig, application: str, cores: int, walltime_s: int | None) -> Any:
-        per_address = config.limits.anonymous_per_address if self.anonymous else None
-        return limits.guard(config.limits, self.owner, application, cores, walltime_s,
-                            creator=self.creator if per_address else None, per_creator=per_address)
-
-def sha256(text: str) -> str:
-    return hashlib.sha256(as_bytes(text)).hexdigest()
 
 
 def session_url(record: SessionRecord) -> str:
@@ -130,6 +102,7 @@ class Service:
         self.backends: dict[str, Backend] = {LOCAL_BACKEND: LocalSessions(self)}
         self.backends.update({name: ClusterSessions(self, cluster) for name, cluster in config.clusters.items()})
         self.auth = Authenticator(config.auth)
+        self.policy = AccessPolicy(config)  # who may launch for whom, see and stop what
         self.unreachable: dict[str, str] = {}  # cluster -> why its scheduler is not answering (set by the poller)
         self.routes = {name: RoutePolicy(c) for name, c in config.clusters.items()}
         self.nodes: dict[str, str] = {}  # session id -> the node its job runs on, as the poller last saw it
@@ -167,11 +140,11 @@ class Service:
         ``attach`` is the cookie a 503 "still queued" answer set: a retried POST
         with it waits for the same pending session instead of submitting again.
         """
-        requester = self._requester(identity, payload)
+        requester = self.policy.requester(identity, payload)
         if not isinstance(payload, dict):
             raise BadRequest("the request body must be a JSON object")
         app = self._app(payload.get("application"))
-        self._check_account(requester, app)
+        self.policy.check_account(requester, app)
         if wait is None:
             wait = payload.get("wait", True)
             if not isinstance(wait, bool):
@@ -266,7 +239,7 @@ class Service:
         if self.map.pending():  # the map agrees with the state we answer: a route for "ready", none after it
             self.map.wait_pending()
         record = self._get(session_id)
-        self._authorize(record, identity, secret, stop=False)
+        self.policy.authorize(record, identity, secret, stop=False)
         return self.view(record)
 
     def view(self, record: SessionRecord) -> dict[str, Any]:
@@ -284,14 +257,14 @@ class Service:
         """Every session for admins and readers; a launcher token or a browser sees its own."""
         records = self.store.list()
         if not identity.has("read"):
-            records = [r for r in records if self._owns(r, identity)]
+            records = [r for r in records if self.policy.owns(r, identity)]
         return [self.view(r) for r in records]
 
     def stop(self, session_id: str, reason: str = "stopped by request", identity: Identity = LOCAL_ADMIN,
              secret: str | None = None) -> dict[str, Any]:
         """End a session and stop its process or job; stopping an ended session is a no-op."""
         record = self._get(session_id)
-        self._authorize(record, identity, secret, stop=True)
+        self.policy.authorize(record, identity, secret, stop=True)
         if not record.is_final:  # the route is gone before the process or job is stopped
             self.life.move(session_id, SessionState.ENDED, current=record.state, stop=True, end_reason=reason)
         return session_view(self._get(session_id))
@@ -363,60 +336,6 @@ class Service:
         if record.return_secret:
             body["secret"] = record.secret
         return body
-
-    def _requester(self, identity: Identity, payload: Any) -> Requester:
-        """Who may launch, and for which user (a launch token names the user in ``"user"``)."""
-        named = payload.get("user") if isinstance(payload, dict) else None
-        if identity.anonymous:
-            if not self.config.auth.anonymous:
-                raise Unauthorized("this launcher needs a bearer token to launch (anonymous launches are off)")
-            key = identity.creator_key or secrets.token_urlsafe(24)
-            digest = sha256(key)
-            address = client_key(identity.address) if identity.address else "unknown"  # IPv6: its /64
-            return Requester(ANONYMOUS_USER, f"{ANONYMOUS_USER}:{digest[:16]}", f"{ANONYMOUS_USER}@{address}",
-                             digest, key, anonymous=True)
-        if not identity.has("launch"):
-            raise Forbidden(f"token {identity.name!r} may not launch sessions (role 'launch' needed)")
-        user = identity.name if named is None else named
-        if not isinstance(user, str) or not USER_RE.match(user):
-            raise BadRequest("'user' must be a user name (lower-case letters, digits, '_', '-', '.')")
-        entry = identity.token
-        if entry is not None and user != identity.name and not (
-                entry.may_name(user) if entry.users is not None else identity.has("admin")):
-            raise Forbidden(f"token {identity.name!r} may not launch for user {user!r} "
-                            "(its entry's 'users' does not allow it)")
-        return Requester(user, user, identity.name, None, None)
-
-    def _check_account(self, requester: Requester, app: AppConfig) -> None:
-        """Refuse a user the site does not allow (system accounts, outside the group) before any row exists."""
-        cluster = self.config.clusters.get(app.cluster) if app.cluster else None
-        runs_as = bool(cluster and cluster.submit_prefix)
-        if requester.anonymous:
-            if runs_as:
-                raise Unauthorized(f"jobs of {app.name!r} run as the requesting user: launch with a token "
-                                   "that names the user")
-            return
-        refused = self.config.auth.users.refusal(requester.user, runs_as)
-        if refused:
-            raise Forbidden(refused)
-
-    @staticmethod
-    def _owns(record: SessionRecord, identity: Identity) -> bool:
-        if identity.anonymous:
-            return bool(identity.creator_key and record.creator_hash
-                        and hmac.compare_digest(record.creator_hash, sha256(identity.creator_key)))
-        return identity.has("launch") and record.creator == identity.name
-
-    def _authorize(self, record: SessionRecord, identity: Identity, secret: str | None, *, stop: bool) -> None:
-        """Admins see and stop all; readers see all; creators (token, cookie or secret) their own."""
-        if identity.has("admin") or (not stop and identity.has("read")) or self._owns(record, identity):
-            return
-        if secret and same_secret(secret, record.secret):
-            return
-        if identity.anonymous:
-            raise Unauthorized("send a bearer token, the creator cookie, or the session's secret "
-                               "(X-Session-Secret) to see or stop this session")
-        raise Forbidden(f"token {identity.name!r} may not {'stop' if stop else 'see'} this session")
 
     def _app(self, name: Any) -> AppConfig:
         if name is None:
