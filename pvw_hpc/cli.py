@@ -20,7 +20,7 @@ import requests
 from .client import HttpClient, LauncherClient, LocalClient
 from .config import CONFIG_ENV, ConfigError, check_file, config_path, load_file
 from .errors import LaunchError
-from .poller import Poller
+from .runtime import Runtime
 from .service import Service
 
 EXIT_ERROR, EXIT_FAILED, EXIT_NOT_FOUND, EXIT_UNREACHABLE = 1, 3, 4, 5
@@ -66,27 +66,26 @@ class _Connection:
     def __init__(self, config_file: str | None, url: str | None, *, threads: bool = False,
                  token: str | None = None):
         self.service: Service | None = None
+        self.runtime: Runtime | None = None
         if url:
             self.client: LauncherClient = HttpClient(url, token=token)
         else:
-            self.service = Service(_load(config_file))
-            self.poller: Poller | None = None
-            if threads:  # a launch needs the monitor, poller and map writer, not a recovery pass
-                _prepare_folders(self.service.config)
-                self.service.map.start()
-                for backend in self.service.backends.values():
-                    backend.start()
-                self.poller = Poller(self.service)
-                self.poller.start()
+            config = _load(config_file)
+            if threads:  # a launch needs the monitor, poller and map writer, not a recovery pass (serve owns it)
+                _prepare_folders(config)
+                self.runtime = Runtime(config).start(recover=False, housekeeping=False)
+                self.service = self.runtime.service
+            else:
+                self.service = Service(config)
             self.client = LocalClient(self.service)
 
     def __enter__(self) -> LauncherClient:
         return self.client
 
     def __exit__(self, *exc: object) -> None:
-        if self.service is not None:
-            if self.poller is not None:
-                self.poller.stop()
+        if self.runtime is not None:
+            self.runtime.close()
+        elif self.service is not None:
             self.service.close()
 
 

@@ -21,9 +21,7 @@ from .api import create_app
 from .api.fast_get import FastSessionGet
 from .config import LauncherConfig
 from .connections import create_server, raise_fd_limit
-from .housekeeping import Housekeeper
-from .poller import Poller
-from .service import Service
+from .runtime import Runtime
 
 log = logging.getLogger("pvw_hpc")
 
@@ -58,12 +56,8 @@ def serve(config: LauncherConfig) -> None:
         cpu = max(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cpu})
         log.info("pinned to CPU %d (pin_cpu); apps still get every CPU", cpu)
-    service = Service(config)
-    service.start()
-    poller = Poller(service)  # the clusters' startup reconcile ran in service.start() (each backend recovers)
-    poller.start()
-    housekeeper = Housekeeper(service)
-    housekeeper.start()
+    runtime = Runtime(config).start()  # each backend recovers, then the threads start
+    service = runtime.service
     app = FastSessionGet(create_app(service=service), service)  # session reads skip Flask (see fast_get.py)
     # idle and slow clients must not crowd out /health and the API (configuration.connections)
     raise_fd_limit(config.connections)
@@ -85,6 +79,4 @@ def serve(config: LauncherConfig) -> None:
     try:
         server.run()
     finally:
-        housekeeper.stop()
-        poller.stop()
-        service.close()
+        runtime.close()
