@@ -291,10 +291,10 @@ class ClusterSessions:
             ours = info.workdir is not None and Path(info.workdir) == self.cluster.job_dir / session_id
             if record is None or record.backend != self.name:
                 if ours:  # submitted by a launcher that died before committing anything else
-                    self._cancel(info.job_id, f"job {info.job_id} has no session")
+                    self.cancel(info.job_id, f"job {info.job_id} has no session")
                     counts["cancelled"] += 1
             elif record.is_final:
-                self._cancel(info.job_id, f"job {info.job_id} outlived its session {session_id}")
+                self.cancel(info.job_id, f"job {info.job_id} outlived its session {session_id}")
                 counts["cancelled"] += 1
             elif record.job_id is None:
                 store.update(session_id, job_id=info.job_id)
@@ -310,9 +310,6 @@ class ClusterSessions:
 
     def cancel(self, job_id: JobId, why: str) -> None:
         """Cancel a job that no session wants (the poller's stuck jobs, reconcile's orphans)."""
-        self._cancel(job_id, why)
-
-    def _cancel(self, job_id: JobId, why: str) -> None:
         log.warning("%s: cancelling it", why)
         try:
             self.adapter.cancel(job_id)

@@ -51,20 +51,15 @@ class Housekeeper:
     def __init__(self, service: Service):
         self.service = service
         self._last_seen: dict[str, float] = {}  # session -> monotonic time a client was last connected
-        self._loop = BackgroundLoop("pvw-housekeeper", self._step, after_error_s=TICK_S)
-        self._first = True
+        self._loop = BackgroundLoop("pvw-housekeeper", self._step, after_error_s=TICK_S, first_after_s=TICK_S)
 
     def start(self) -> None:
-        self._first = True
         self._loop.start()
 
     def stop(self) -> None:
         self._loop.stop()
 
     def _step(self) -> float:
-        if self._first:  # the first pass comes one tick after the start, as before
-            self._first = False
-            return TICK_S
         self.tick()
         return TICK_S
 

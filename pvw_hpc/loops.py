@@ -21,8 +21,9 @@ class BackgroundLoop:
     loop waits ``after_error_s`` before the next one.
     """
 
-    def __init__(self, name: str, step: Callable[[], float], after_error_s: float = 5.0):
+    def __init__(self, name: str, step: Callable[[], float], after_error_s: float = 5.0, first_after_s: float = 0.0):
         self.name = name
+        self._first_after_s = first_after_s  # wait this long before the first step
         self._step = step
         self._after_error_s = after_error_s
         self._wake = threading.Event()
@@ -50,6 +51,8 @@ class BackgroundLoop:
             self._thread = None
 
     def _run(self) -> None:
+        if self._first_after_s and self._stop.wait(self._first_after_s):
+            return
         while not self._stop.is_set():
             try:
                 interval = self._step()

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from . import userfiles
-from .backends import ClusterSessions
 from .batch.base import JobId, JobInfo, JobState, Presence
 from .local import log_tail
 from .loops import BackgroundLoop
@@ -94,16 +93,9 @@ class Poller:
         """Every cluster's jobs by name against our sessions (see :meth:`ClusterSessions.reconcile`)."""
         counts = {"adopted": 0, "cancelled": 0, "failed": 0}
         for name in self.service.config.clusters:
-            backend = self.service.backends[name]
-            assert isinstance(backend, ClusterSessions)
-            for key, value in backend.reconcile(startup).items():
+            for key, value in self.service.cluster_backend(name).reconcile(startup).items():
                 counts[key] += value
         return counts
-
-    def _cancel(self, cluster: str, job_id: JobId, why: str) -> None:
-        backend = self.service.backends[cluster]
-        assert isinstance(backend, ClusterSessions)
-        backend.cancel(job_id, why)
 
     # -- one cycle --------------------------------------------------------------------------
 
@@ -286,7 +278,7 @@ class Poller:
             self._move(record, SessionState.FAILED, exit_code=exit_code, error=error)
         self._scans.pop(record.id, None)
         if info.stuck and record.job_id:  # e.g. held by HTCondor: it would wait in the queue forever
-            self._cancel(cluster, JobId(record.job_id), f"job {record.job_id} is stuck ({what})")
+            self.service.cluster_backend(cluster).cancel(JobId(record.job_id), f"job {record.job_id} is stuck ({what})")
 
     def _check_markers(self, cluster: str, records: list[TrackedJob], infos: dict[JobId, JobInfo]) -> None:
         """The job side's marker lines in the job logs: the fallback when callbacks cannot reach us.

@@ -181,16 +181,22 @@ class Service:
             raise Forbidden("this token does not belong to this session")
         if not is_valid_host(host) or not is_valid_port(port):
             raise BadRequest("'host' must be a host name or IP address and 'port' an integer 1..65535")
+        if record.state == SessionState.READY and (record.host, record.port) == (host, port):
+            return session_view(record)  # a retried callback: this route was checked when it was accepted
         refused = self.route_refusal(record.backend, self._node_of(record), host, port)
         if refused:
             self.refuse_route(session_id, f"callback {host}:{port}", refused)
             raise Forbidden(f"route {host}:{port} refused: {refused}")
-        if record.state == SessionState.READY and (record.host, record.port) == (host, port):
-            return session_view(record)
         # from submitted or queued (it ran and got ready between polls) starting is filled in
         if not self.life.move(session_id, SessionState.READY, current=record.state, host=host, port=port):
             raise Conflict(f"session {session_id} is {self._get(session_id).state.value}; it cannot become ready")
         return session_view(self._get(session_id))
+
+    def cluster_backend(self, name: str) -> ClusterSessions:
+        """The backend of cluster ``name`` (the poller follows, reconciles and cancels its jobs through it)."""
+        backend = self.backends[name]
+        assert isinstance(backend, ClusterSessions)
+        return backend
 
     def route_refusal(self, cluster: str, node: str | None, host: str, port: int) -> str | None:
         """Why a job's claimed ``host:port`` may not be routed to, or None (see :mod:`routes`)."""

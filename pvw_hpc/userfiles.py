@@ -166,9 +166,10 @@ class BoundedReader:
     def many(self, calls: Iterable[tuple[str, Callable[[], T]]], default: T) -> list[T]:
         """Run several reads at once under one deadline; answers in order, ``default`` where late or stuck."""
         pending: list[tuple[str, Future[T] | None]] = []
+        with self._lock:
+            self._stuck = {k: f for k, f in self._stuck.items() if not f.done()}
         for key, fn in calls:
             with self._lock:
-                self._stuck = {k: f for k, f in self._stuck.items() if not f.done()}
                 if key in self._stuck or len(self._stuck) >= self.workers:
                     # still hanging since an earlier cycle, or every worker is: answer "unknown" at once
                     pending.append((key, None))
