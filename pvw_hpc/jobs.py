@@ -278,8 +278,8 @@ def write_job_files(
 def job_owner(job_dir: str | Path) -> str | None:
     """The user a session's job folder was given to, or None when it is the launcher's own (or gone).
 
-    The service passes it to ``adapter.cancel(job_id, user=...)``: the folder's owner is
-    who the job runs as, so nothing new needs storing.
+    For checks and tools only: the service takes a job's owner from the session row
+    (``owner`` on ``submit_prefix`` clusters), never from a ``stat`` of the user's folder.
     """
     try:
         uid = os.stat(job_dir).st_uid
