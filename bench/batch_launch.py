@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pvw_hpc.batch.htcondor import bindings  # CONDOR_CONFIG set before the import, as the adapter does
+from pvw_hpc.batch.htcondor.adapter import bindings  # CONDOR_CONFIG set before the import, as the adapter does
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or not, _common is found
 from _common import (  # noqa: E402

@@ -22,16 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard
 
+from . import batch
 from .auth import IPNetwork, check_networks
-from .batch.base import USER_PLACEHOLDER
-from .batch.base import is_valid_user as is_valid_user  # re-exported: the service checks names with it
+from .batch.base import USER_PLACEHOLDER, Report
+from .batch.base import is_valid_user as is_valid_user  # the jobs module checks run-as names with it
 from .validate import CLUSTER_NAME_RE
 
-SCHEDULERS = ("slurm", "pbs", "htcondor")
 LOCAL_BACKEND = "local"  # the local backend's name in a session's backend column: no cluster may take it
-# the first mode is the default
-ACCESS_MODES = {"slurm": ("cli", "rest"), "pbs": ("cli",), "htcondor": ("bindings",)}
-PBS_FLAVORS = ("pbspro", "torque")  # status dialect and resource syntax: qstat -F json + select, or text + ppn
 NODE_ADDRESS_MODES = ("ip", "hostname", "fqdn")
 # where the job side picks its app's port on the node: below Linux's default ephemeral range (32768-60999),
 # so outgoing connections on the node do not take it; a route outside it is refused
@@ -66,16 +63,6 @@ RESOURCE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 @dataclass(frozen=True)
-class RestAccess:
-    """slurmrestd over HTTP with a JWT (a launcher outside the cluster)."""
-
-    url: str
-    user: str
-    token_file: str | None = None
-    api_version: str = "v0.0.38"
-
-
-@dataclass(frozen=True)
 class ClusterConfig:
     """One entry of ``clusters``."""
 
@@ -92,18 +79,16 @@ class ClusterConfig:
     poll_fast_s: float = 1.0
     poll_slow_s: float = 10.0
     command_timeout_s: float = 30.0
-    # ready sessions' node:port are connected to this often (0: never); one that does not answer for
-    # unreachable_after_s is ended and its job cancelled, whatever the scheduler still says
-    flavor: str | None = None  # pbs only: "pbspro" or "torque"
-    condor_config: str | None = None  # htcondor only: the client's CONDOR_CONFIG (else the environment's)
-    schedd: str | None = None  # htcondor only: the schedd's name (else the local one)
     # the account jobs run as when it is not the launcher's and not the requester's (HTCondor's token
     # identity, slurmrestd's token user): job folders are given to it so the job can read and write them
     job_user: str | None = None
+    # ready sessions' node:port are connected to this often (0: never); one that does not answer for
+    # unreachable_after_s is ended and its job cancelled, whatever the scheduler still says
     probe_every_s: float = 10.0
     unreachable_after_s: float = 60.0
     commands: Mapping[str, str] = field(default_factory=dict)
-    rest: RestAccess | None = None
+    # the adapter's own keys, as its settings check returned them (batch/<adapter>/settings.py)
+    settings: Any = None
     # argv before sbatch/scancel to run them as the requesting user, with ${user} in it; empty:
     # jobs run as the launcher's user
     submit_prefix: tuple[str, ...] = ()
@@ -113,14 +98,12 @@ class ClusterConfig:
     allow_loopback: bool = False
 
 
+# the keys every cluster may have; each adapter adds its own (``settings_keys``)
 CLUSTER_KEYS = frozenset({
     "scheduler", "access", "job_dir", "template", "callback_url", "python", "node_address", "requeue",
-    "defaults", "poll_fast_s", "poll_slow_s", "command_timeout_s", "commands", "rest", "submit_prefix",
-    "probe_every_s", "unreachable_after_s", "flavor", "condor_config", "schedd", "job_user",
-    "port_range", "node_networks", "allow_loopback",
+    "defaults", "poll_fast_s", "poll_slow_s", "command_timeout_s", "commands", "submit_prefix",
+    "probe_every_s", "unreachable_after_s", "job_user", "port_range", "node_networks", "allow_loopback",
 })
-
-Report = Callable[[str, str], None]
 
 
 def check_resources(raw: Any, path: str, error: Report) -> dict[str, Any]:
@@ -166,17 +149,25 @@ def check_clusters(raw: Any, report_error: Report, warn: Report) -> dict[str, Cl
         if not isinstance(c, dict):
             error(path, "must be an object with 'scheduler' and 'job_dir'")
             continue
-        for key in c:
-            if key not in CLUSTER_KEYS:
-                warn(f"{path}.{key}", "unknown key, ignored")
         before = len(seen)
+        modes = batch.access_modes()
         scheduler = c.get("scheduler")
-        if scheduler not in SCHEDULERS:
-            error(f"{path}.scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+        if scheduler not in modes:
+            error(f"{path}.scheduler", f"must be one of {', '.join(modes)}, got {scheduler!r}")
             continue
-        access = c.get("access", ACCESS_MODES[scheduler][0])
-        if access not in ACCESS_MODES[scheduler]:
-            error(f"{path}.access", f"must be one of {', '.join(ACCESS_MODES[scheduler])}, got {access!r}")
+        access = c.get("access", modes[scheduler][0])
+        if access not in modes[scheduler]:
+            error(f"{path}.access", f"must be one of {', '.join(modes[scheduler])}, got {access!r}")
+            continue
+        adapter = batch.adapter_class(scheduler, access)
+        for key in c:
+            owners = [f"{o.scheduler} ({o.access})" for o in batch.ADAPTERS if key in o.settings_keys]
+            if key in CLUSTER_KEYS or key in adapter.settings_keys:
+                continue
+            if owners:  # a key of another scheduler: the admin meant something, and it would be ignored
+                error(f"{path}.{key}", f"only for {' or '.join(owners)} clusters, not {scheduler} ({access})")
+            else:
+                warn(f"{path}.{key}", "unknown key, ignored")
         job_dir = c.get("job_dir")
         if not isinstance(job_dir, str) or not job_dir.startswith("/"):
             error(f"{path}.job_dir", "must be an absolute path to a folder the nodes share with the launcher")
@@ -215,28 +206,11 @@ def check_clusters(raw: Any, report_error: Report, warn: Report) -> dict[str, Cl
         if not isinstance(commands, dict) or not all(isinstance(v, str) for v in commands.values()):
             error(f"{path}.commands", "must map command names (sbatch, squeue, ...) to executables")
             commands = {}
-        rest = None
-        if access == "rest":
-            rest = _check_rest(c.get("rest"), f"{path}.rest", error)
-        flavor = c.get("flavor")
-        if scheduler == "pbs":
-            flavor = flavor if flavor is not None else "pbspro"
-            if flavor not in PBS_FLAVORS:
-                error(f"{path}.flavor", f"must be one of {', '.join(PBS_FLAVORS)}, got {flavor!r}")
-        elif flavor is not None:
-            error(f"{path}.flavor", "only PBS clusters have a flavor")
-        condor = {key: c.get(key) for key in ("condor_config", "schedd")}
-        for key, what, ok in (("condor_config", "absolute config file path", lambda v: v.startswith("/")),
-                              ("schedd", "schedd name", lambda v: True)):
-            value = condor[key]
-            if value is None:
-                continue
-            if scheduler != "htcondor" or not isinstance(value, str) or not value or not _LINE.match(value) or not ok(value):
-                error(f"{path}.{key}", f"an HTCondor cluster's {what}")
+        settings = adapter.check_settings(c, path, error, warn)
         job_user = c.get("job_user")
         if job_user is not None and not is_valid_user(job_user):
             error(f"{path}.job_user", "must be a user name (lowercase letters, digits, _ and -; not root)")
-        elif job_user is not None and not (scheduler == "htcondor" or access == "rest"):
+        elif job_user is not None and not adapter.takes_job_user:
             # elsewhere the launcher itself submits: a job_user would only own the files, not run the job
             error(f"{path}.job_user", "only for clusters whose jobs run as the identity the launcher authenticates "
                                       "as (htcondor, slurm access 'rest'); use submit_prefix to run as the requester")
@@ -252,24 +226,25 @@ def check_clusters(raw: Any, report_error: Report, warn: Report) -> dict[str, Cl
         allow_loopback = c.get("allow_loopback", False)
         if not isinstance(allow_loopback, bool):
             error(f"{path}.allow_loopback", "must be true or false")
-        submit_prefix = check_submit_prefix(c.get("submit_prefix"), access, f"{path}.submit_prefix", error, warn)
+        submit_prefix = check_submit_prefix(c.get("submit_prefix"), adapter.takes_submit_prefix,
+                                            f"{path}.submit_prefix", error, warn)
         if len(seen) != before:
             continue
         clusters[name] = ClusterConfig(
             name=name, scheduler=scheduler, job_dir=Path(str(job_dir)), access=access, template=template,
             callback_url=callback.rstrip("/") if callback else None, python=python, node_address=node_address,
-            requeue=requeue, defaults=defaults, commands=dict(commands), rest=rest, submit_prefix=submit_prefix,
-            flavor=flavor, job_user=job_user, port_range=(port_range[0], port_range[1]),
-            node_networks=node_networks, allow_loopback=allow_loopback is True,
-            condor_config=condor["condor_config"], schedd=condor["schedd"], **timings,
+            requeue=requeue, defaults=defaults, commands=dict(commands), settings=settings, submit_prefix=submit_prefix,
+            job_user=job_user, port_range=(port_range[0], port_range[1]),
+            node_networks=node_networks, allow_loopback=allow_loopback is True, **timings,
         )
-    configs = {c.condor_config for c in clusters.values() if c.scheduler == "htcondor"}
-    if len(configs) > 1:  # CONDOR_CONFIG is one per process: two pools would read each other's
-        error("$.clusters", "all HTCondor clusters must use the same condor_config (the bindings read one per process)")
+    for cls in batch.ADAPTERS:
+        users = [c for c in clusters.values() if (c.scheduler, c.access) == (cls.scheduler, cls.access)]
+        if users:
+            cls.check_clusters(users, error)
     return clusters
 
 
-def check_submit_prefix(raw: Any, access: str, path: str, error: Report, warn: Report) -> tuple[str, ...]:
+def check_submit_prefix(raw: Any, takes_prefix: bool, path: str, error: Report, warn: Report) -> tuple[str, ...]:
     """Check ``submit_prefix``: argv strings with ``${user}`` in them, nothing else to expand.
 
     Only ``${user}`` is replaced, so any other ``${...}`` is refused instead of being passed
@@ -282,8 +257,9 @@ def check_submit_prefix(raw: Any, access: str, path: str, error: Report, warn: R
     if not isinstance(raw, list) or not raw or not all(isinstance(v, str) and v and _LINE.match(v) for v in raw):
         error(path, "must be a list of non-empty one-line strings, e.g. [\"sudo\", \"-n\", \"-u\", \"${user}\"]")
         return ()
-    if access != "cli":
-        error(path, "only works with access 'cli' (slurmrestd authenticates users by their own tokens)")
+    if not takes_prefix:
+        error(path, "only works where the launcher runs the submit command (access 'cli'); "
+                    "elsewhere the scheduler authenticates who submits")
         return ()
     if not any(USER_PLACEHOLDER in part for part in raw):
         error(path, "must contain ${user} (the user the job runs as), e.g. [\"sudo\", \"-n\", \"-u\", \"${user}\"]")
@@ -298,27 +274,6 @@ def check_submit_prefix(raw: Any, access: str, path: str, error: Report, warn: R
     if Path(raw[0]).name == "sudo" and "-n" not in raw and "--non-interactive" not in raw:
         warn(path, "sudo without -n: add -n so a missing sudoers rule fails with a clear message")
     return tuple(raw)
-
-
-def _check_rest(raw: Any, path: str, error: Report) -> RestAccess | None:
-    if not isinstance(raw, dict):
-        error(path, "access 'rest' needs {url, user, token_file}")
-        return None
-    url, user, token_file = raw.get("url"), raw.get("user"), raw.get("token_file")
-    if not isinstance(url, str) or not re.match(r"^https?://[^\s]+\Z", url):
-        error(f"{path}.url", "must be the slurmrestd base URL, e.g. http://host:6820")
-        return None
-    if not isinstance(user, str) or not _NAME.match(user):
-        error(f"{path}.user", "must be the user name the token belongs to")
-        return None
-    if token_file is not None and not isinstance(token_file, str):
-        error(f"{path}.token_file", "must be a path")
-        return None
-    version = raw.get("api_version", "v0.0.38")
-    if version != "v0.0.38":
-        error(f"{path}.api_version", "only v0.0.38 (Slurm 22.05's slurmrestd) is supported")
-        return None
-    return RestAccess(url=url.rstrip("/"), user=user, token_file=token_file, api_version=version)
 
 
 def _lines(value: Any) -> bool:

@@ -36,6 +36,7 @@ from typing import Any
 
 import jinja2
 
+from . import batch
 from .batch.base import JobScript
 from .clusters import RESOURCE_RULES, ClusterConfig, is_valid_user
 from .limits import walltime_seconds
@@ -57,8 +58,7 @@ class RawShell(str):
     """Admin-written shell text that goes into the script unquoted."""
 
 
-# schedulers whose template is not a shell script: the job body goes into body.sh beside it
-TEMPLATE_NAMES = {"htcondor": "htcondor.sub.j2"}
+# for adapters that submit a description, not a script (``submits_description``): the job body beside it
 BODY_TEMPLATE = "_common/job.sh.j2"
 
 
@@ -131,24 +131,26 @@ def job_name(session_id: str) -> str:
 
 
 def template_environment(cluster: ClusterConfig) -> tuple[jinja2.Environment, str]:
-    """The Jinja environment for a cluster and the name of its script template."""
-    return _template_environment(cluster.scheduler, cluster.template)
+    """The Jinja environment for a cluster and the name of its script template (the adapter's, or the site's)."""
+    adapter = batch.adapter_class(cluster.scheduler, cluster.access)
+    return _template_environment(adapter.template, adapter.submits_description, cluster.template)
 
 
 @functools.lru_cache(maxsize=64)
-def _template_environment(scheduler: str, site_template: str | None) -> tuple[jinja2.Environment, str]:
+def _template_environment(shipped: str, submits_description: bool,
+                          site_template: str | None) -> tuple[jinja2.Environment, str]:
     """One environment per (scheduler, site template): each launch renders with compiled templates.
 
     Jinja's file loaders check the files' mtimes, so an edited site template is still picked up.
     """
     loaders: list[jinja2.BaseLoader] = []
-    name = TEMPLATE_NAMES.get(scheduler, f"{scheduler}.sh.j2")
+    name = shipped
     if site_template:
         site = Path(site_template)
         loaders.append(jinja2.FileSystemLoader(str(site.parent)))
         name = site.name
     loaders.append(jinja2.FileSystemLoader(str(resources.files("jobscripts"))))
-    return _environment(loaders, submit_description=name.endswith(".sub.j2")), name
+    return _environment(loaders, submit_description=submits_description), name
 
 
 @functools.lru_cache(maxsize=1)
@@ -203,8 +205,7 @@ def render_script(cluster: ClusterConfig, session_id: str, job_resources: dict[s
 
 def render_body(cluster: ClusterConfig, session_id: str, job_resources: dict[str, Any]) -> str | None:
     """``body.sh`` for schedulers that submit a description rather than a script (HTCondor); else None."""
-    _env, name = template_environment(cluster)
-    if not name.endswith(".sub.j2"):
+    if not batch.adapter_class(cluster.scheduler, cluster.access).submits_description:
         return None
     return _body_environment().get_template(BODY_TEMPLATE).render(files=job_files(cluster, session_id), cluster=cluster,
                                                   r=job_resources)

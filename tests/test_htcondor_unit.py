@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pvw_hpc.batch.base import JobId, JobState, Presence
-from pvw_hpc.batch.htcondor import HTCondorAdapter, _ad_info, _constraint, _Follow, node_of
+from pvw_hpc.batch.htcondor.adapter import HTCondorAdapter, _ad_info, _constraint, _Follow, node_of
 from pvw_hpc.clusters import check_clusters
 from pvw_hpc.jobs import merged_resources, render_body, render_script
 

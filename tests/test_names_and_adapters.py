@@ -8,42 +8,51 @@ OpenAPI document, run-as-user), and the adapters' method signatures against
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import re
+from pathlib import Path
 
 import pytest
 
 from pvw_hpc.api.openapi import USER_PATTERN
 from pvw_hpc.auth import USER_RE
 from pvw_hpc.backends import Backend, ClusterSessions, LocalSessions
-from pvw_hpc.batch import ADAPTERS
+from pvw_hpc.batch import ADAPTERS, adapter_class
 from pvw_hpc.batch.base import BatchAdapter, is_valid_user
-from pvw_hpc.clusters import check_clusters
+from pvw_hpc.clusters import CLUSTER_KEYS, check_clusters
 
-INTERFACE = ("submit", "poll", "history", "find_named", "cancel")
+INTERFACE = ("submit", "poll", "history", "find_named", "cancel", "from_cluster", "check_settings", "check_clusters")
+TRAITS = {"name": str, "scheduler": str, "access": str, "template": str, "submits_description": bool,
+          "takes_submit_prefix": bool, "takes_job_user": bool, "settings_keys": frozenset}
 # the document's ECMA-262 pattern read the way a JSON-schema validator reads it ('$' is the very end)
 OPENAPI_USER = re.compile(USER_PATTERN.replace("$", r"\Z"))
+JOBSCRIPTS = Path(__file__).resolve().parents[1] / "jobscripts"
 
 
-def _adapter_class(target: str) -> type:
-    module_name, _, attr = target.partition(":")
-    obj: object = importlib.import_module(module_name)
-    for part in attr.split(".")[:-1]:  # "SlurmAdapter.from_cluster" -> the class
-        obj = getattr(obj, part)
-    assert isinstance(obj, type)
-    return obj
+def _shape(fn: object) -> list[tuple[str, object, object]]:
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("key", sorted(ADAPTERS))
-def test_every_registered_adapter_has_the_interfaces_methods_and_signatures(key: tuple[str, str]) -> None:
-    cls = _adapter_class(ADAPTERS[key])
-    assert isinstance(getattr(cls, "name", None), str)
+@pytest.mark.parametrize("cls", ADAPTERS, ids=lambda c: f"{c.scheduler}-{c.access}")
+def test_every_registered_adapter_has_the_interfaces_methods_and_signatures(cls: type) -> None:
     for method in INTERFACE:
-        expected = inspect.signature(getattr(BatchAdapter, method))
-        actual = inspect.signature(getattr(cls, method))
-        assert [(p.name, p.kind, p.default) for p in actual.parameters.values()] == \
-               [(p.name, p.kind, p.default) for p in expected.parameters.values()], f"{cls.__name__}.{method}"
+        assert _shape(getattr(cls, method)) == _shape(getattr(BatchAdapter, method)), f"{cls.__name__}.{method}"
+    for trait, kind in TRAITS.items():
+        assert isinstance(getattr(cls, trait, None), kind), f"{cls.__name__}.{trait} must be a {kind.__name__}"
+    assert (JOBSCRIPTS / cls.template).is_file(), f"{cls.__name__}.template names no file in jobscripts/"
+    assert not cls.settings_keys & CLUSTER_KEYS, "an adapter's own keys must not shadow the generic ones"
+
+
+def test_each_scheduler_and_access_pair_is_registered_once() -> None:
+    pairs = [(c.scheduler, c.access) for c in ADAPTERS]
+    assert len(pairs) == len(set(pairs)) and all(adapter_class(*pair) for pair in pairs)
+
+
+def test_a_key_of_another_scheduler_is_an_error_not_ignored() -> None:
+    errors: list[str] = []
+    clusters = check_clusters({"hpc": {"scheduler": "slurm", "job_dir": "/srv/jobs", "flavor": "torque"}},
+                              lambda path, message: errors.append(f"{path}: {message}"), lambda *_: None)
+    assert clusters == {} and errors == ["$.clusters.hpc.flavor: only for pbs (cli) clusters, not slurm (cli)"]
 
 
 @pytest.mark.parametrize("name", ["alice", "alice.smith", "build-bot_2", "_svc", "a" * 32])

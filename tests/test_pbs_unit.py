@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pvw_hpc.batch.base import BatchError, JobId, JobScript, JobState, Presence
-from pvw_hpc.batch.pbs import PbsAdapter, answer, exec_node, job_info, parse_json, parse_submit, parse_text, same_job
+from pvw_hpc.batch.pbs.adapter import PbsAdapter, answer, exec_node, job_info, parse_json, parse_submit, parse_text, same_job
 from pvw_hpc.batch.runner import CommandRunner, Result
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pbs"

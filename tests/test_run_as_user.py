@@ -35,7 +35,7 @@ from pvw_hpc import jobs
 from pvw_hpc.auth import hash_token
 from pvw_hpc.batch.base import BatchError, JobId, JobScript, expand_prefix, is_valid_user
 from pvw_hpc.batch.runner import CommandFailed, CommandRunner, Result
-from pvw_hpc.batch.slurm import SlurmAdapter
+from pvw_hpc.batch.slurm.adapter import SlurmAdapter
 from pvw_hpc.clusters import ClusterConfig, check_clusters
 from tests.conftest import ADMIN_TOKEN, LauncherFactory, slurm_reason, wait_for
 
@@ -125,7 +125,7 @@ def test_submit_prefix_defaults_to_none_and_is_read_as_a_tuple() -> None:
     (["sudo", 3, "${user}"], {}, "must be a list"),
     (["${user}"], {}, "first word"),
     (["sudo", "-n", "-u", "${user}", "${HOME}"], {}, "only ${user} is replaced"),
-    (SUDO_PREFIX, {"access": "rest", "rest": {"url": "http://h:6820", "user": "svc"}}, "only works with access 'cli'"),
+    (SUDO_PREFIX, {"access": "rest", "rest": {"url": "http://h:6820", "user": "svc"}}, "(access 'cli')"),
 ])
 def test_bad_submit_prefix_is_a_config_error(prefix: Any, extra: dict[str, Any], needle: str) -> None:
     clusters, errors, _ = _check(submit_prefix=prefix, **extra)

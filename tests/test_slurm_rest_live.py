@@ -29,10 +29,12 @@ import pytest
 import requests
 
 from pvw_hpc import jobs
-from pvw_hpc.batch import make_adapter, slurm_rest
+from pvw_hpc.batch import make_adapter
 from pvw_hpc.batch.base import BatchError, JobId, JobInfo, JobScript, JobState, Presence
-from pvw_hpc.batch.slurm_rest import SlurmRestAdapter
-from pvw_hpc.clusters import ClusterConfig, RestAccess
+from pvw_hpc.batch.slurm_rest import adapter as slurm_rest
+from pvw_hpc.batch.slurm_rest.adapter import SlurmRestAdapter
+from pvw_hpc.batch.slurm_rest.settings import RestAccess
+from pvw_hpc.clusters import ClusterConfig
 
 USER = os.environ.get("SLURM_CI_USER", "slurmtest")
 PARTITION = os.environ.get("SLURM_CI_PARTITION", "debug")
@@ -80,7 +82,7 @@ class Live:
         settings: dict[str, Any] = {
             "name": "ci-rest", "scheduler": "slurm", "job_dir": self.work / "jobs", "access": "rest",
             "template": str(self.work / "site" / "slurm.sh.j2"),  # absent: the shipped one, with our job body
-            "rest": RestAccess(url=self.url, user=USER, token_file=str(self.token_file)), "command_timeout_s": 10.0,
+            "settings": RestAccess(url=self.url, user=USER, token_file=str(self.token_file)), "command_timeout_s": 10.0,
             "defaults": {"partition": PARTITION, "time": "5", "cpus": 1, "memory": "100M"},
         }
         settings.update(overrides)
@@ -239,7 +241,7 @@ def test_submit_error_comes_back_as_batch_error(live: Live) -> None:
 def test_a_bad_token_is_query_failed_not_absent(live: Live) -> None:
     bad = live.work / "bad-jwt"
     bad.write_text("not-a-token\n")
-    adapter = make_adapter(live.cluster(rest=RestAccess(url=live.url, user=USER, token_file=str(bad))))
+    adapter = make_adapter(live.cluster(settings=RestAccess(url=live.url, user=USER, token_file=str(bad))))
     infos = adapter.poll([UNKNOWN, JobId("1")])
     assert {i.presence for i in infos.values()} == {Presence.QUERY_FAILED}, infos  # HTTP 500 with "jobs": []
     with pytest.raises(BatchError, match=r"\(5005\)"):

@@ -22,8 +22,9 @@ import responses
 from pvw_hpc import jobs
 from pvw_hpc.batch import make_adapter
 from pvw_hpc.batch.base import BatchError, JobId, JobScript, JobState, Presence
-from pvw_hpc.batch.slurm_rest import DEFAULT_PATH, SlurmRestAdapter, job_info, sbatch_directives
-from pvw_hpc.clusters import ClusterConfig, RestAccess
+from pvw_hpc.batch.slurm_rest.adapter import DEFAULT_PATH, SlurmRestAdapter, job_info, sbatch_directives
+from pvw_hpc.batch.slurm_rest.settings import RestAccess
+from pvw_hpc.clusters import ClusterConfig
 
 FIXTURES = Path(__file__).parent / "fixtures" / "slurm_rest"
 URL = "http://restd.test:6820"
@@ -64,7 +65,7 @@ def adapter(token_file: Path) -> SlurmRestAdapter:
 def cluster(tmp_path: Path, **overrides: Any) -> ClusterConfig:
     settings: dict[str, Any] = {
         "name": "hpc", "scheduler": "slurm", "job_dir": tmp_path / "job files", "access": "rest",
-        "rest": RestAccess(url=URL, user="slurmtest", token_file=str(tmp_path / "jwt")), "command_timeout_s": 7.0,
+        "settings": RestAccess(url=URL, user="slurmtest", token_file=str(tmp_path / "jwt")), "command_timeout_s": 7.0,
         "defaults": {"partition": "debug", "account": "proj1", "qos": "normal", "time": "1:30", "nodes": 1,
                      "cpus": 2, "memory": "4G", "gpus": 1, "gres": "gpu:a100:1"},
     }
@@ -377,6 +378,6 @@ def test_the_registry_builds_it_from_the_cluster_config(tmp_path: Path) -> None:
 
 def test_unsupported_settings_fail_at_startup(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="v0.0.39 is not supported"):
-        make_adapter(cluster(tmp_path, rest=RestAccess(url=URL, user="u", api_version="v0.0.39")))
+        make_adapter(cluster(tmp_path, settings=RestAccess(url=URL, user="u", api_version="v0.0.39")))
     with pytest.raises(ValueError, match="has no 'rest' settings"):
-        make_adapter(cluster(tmp_path, rest=None))
+        make_adapter(cluster(tmp_path, settings=None))

@@ -17,7 +17,7 @@ import pytest
 
 from pvw_hpc.batch.base import BatchError, JobId, JobState, Presence
 from pvw_hpc.batch.runner import CommandRunner
-from pvw_hpc.batch.slurm import SlurmAdapter, parse_queue, parse_sacct, parse_submit
+from pvw_hpc.batch.slurm.adapter import SlurmAdapter, parse_queue, parse_sacct, parse_submit
 from pvw_hpc.clusters import check_clusters
 from pvw_hpc.jobs import merged_resources, render_script
 

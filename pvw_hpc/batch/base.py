@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NewType, Protocol
@@ -100,13 +100,63 @@ class BatchError(Exception):
         self.unreachable = unreachable
 
 
+Report = Callable[[str, str], None]  # (JSON path, message): how config checks report a problem
+
+
+class SchedulerTraits:
+    """What an adapter tells the rest of the launcher about its scheduler, with the common defaults.
+
+    Each adapter class inherits this and overrides what differs, so the cluster checks, the job
+    files and the service read these instead of comparing scheduler names. ``check_settings``
+    validates the adapter's own config keys (``settings_keys``) and returns its frozen settings
+    object (``ClusterConfig.settings``); ``check_clusters`` sees every cluster of this adapter at
+    once, for rules across clusters (HTCondor's one ``CONDOR_CONFIG`` per process).
+    """
+
+    scheduler: ClassVar[str]  # the ``scheduler`` value in a cluster's config
+    access: ClassVar[str]  # the ``access`` value; the first registered for a scheduler is its default
+    template: ClassVar[str]  # the shipped template in ``jobscripts/``
+    submits_description: ClassVar[bool] = False  # a submit description (not a shell script): body.sh beside it
+    takes_submit_prefix: ClassVar[bool] = False  # the launcher runs argv: a prefix can run it as the requester
+    takes_job_user: ClassVar[bool] = False  # jobs run as the identity the adapter authenticates as
+    settings_keys: ClassVar[frozenset[str]] = frozenset()
+
+    @staticmethod
+    def check_settings(raw: Mapping[str, Any], path: str, error: Report, warn: Report) -> Any:
+        """The adapter's own keys of one cluster entry, checked; None when it has none."""
+        return None
+
+    @staticmethod
+    def check_clusters(clusters: Sequence[Any], error: Report) -> None:
+        """Rules across every cluster that uses this adapter (none by default)."""
+
+
 class BatchAdapter(Protocol):
-    """What the poller and the service need from a scheduler."""
+    """What the poller and the service need from a scheduler (plus the class-level traits above)."""
 
     name: ClassVar[str]
+    scheduler: ClassVar[str]
+    access: ClassVar[str]
+    template: ClassVar[str]
+    submits_description: ClassVar[bool]
+    takes_submit_prefix: ClassVar[bool]
+    takes_job_user: ClassVar[bool]
+    settings_keys: ClassVar[frozenset[str]]
+
+    @staticmethod
+    def check_settings(raw: Mapping[str, Any], path: str, error: Report, warn: Report) -> Any:
+        """See :class:`SchedulerTraits`."""
+
+    @staticmethod
+    def check_clusters(clusters: Sequence[Any], error: Report) -> None:
+        """See :class:`SchedulerTraits`."""
+
+    @classmethod
+    def from_cluster(cls, cluster: Any) -> BatchAdapter:
+        """The adapter for one checked ``ClusterConfig`` (its generic keys and its ``settings``)."""
 
     def submit(self, script: JobScript) -> JobId:
-        """Submit; raises :class:`BatchError`."""
+        """Submit; raises :class:`BatchError` (with ``unreachable`` set when the scheduler did not answer)."""
 
     def poll(self, job_ids: Collection[JobId]) -> dict[JobId, JobInfo]:
         """ONE scheduler call for all ``job_ids``; never raises (failures are QUERY_FAILED)."""
@@ -124,8 +174,7 @@ class BatchAdapter(Protocol):
         """Cancel; cancelling a job that is gone succeeds. Raises :class:`BatchError`.
 
         ``user``: the job's owner, for adapters that submit through a ``submit_prefix``
-        (the cancel goes through the same prefix). Callers pass it only when not None, so
-        adapters written before it existed keep working.
+        (the cancel goes through the same prefix); others accept and ignore it.
         """
 
 

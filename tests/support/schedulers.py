@@ -94,7 +94,7 @@ class Pbs(Backend):
         return None
 
     def job_running(self, job_id: str, queued_too: bool = False) -> bool:
-        from pvw_hpc.batch.pbs import parse_text
+        from pvw_hpc.batch.pbs.adapter import parse_text
 
         jobs = parse_text(_run(["qstat", "-f", job_id]).stdout)
         state = jobs[0].get("job_state", "") if jobs else ""
@@ -125,7 +125,7 @@ class HTCondor(Backend):
         return None
 
     def _schedd(self) -> Any:
-        from pvw_hpc.batch.htcondor import bindings
+        from pvw_hpc.batch.htcondor.adapter import bindings
         return bindings(CONDOR_CONFIG).Schedd()
 
     def job_running(self, job_id: str, queued_too: bool = False) -> bool:
@@ -135,7 +135,7 @@ class HTCondor(Backend):
         return 2 in states or (queued_too and bool(states & {1, 5}))
 
     def cancel_outside(self, job_id: str) -> None:
-        from pvw_hpc.batch.htcondor import bindings
+        from pvw_hpc.batch.htcondor.adapter import bindings
         result = self._schedd().act(bindings(CONDOR_CONFIG).JobAction.Remove, [job_id])
         assert result["TotalSuccess"] == 1, dict(result)
 

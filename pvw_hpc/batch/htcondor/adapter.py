@@ -24,13 +24,14 @@ import functools
 import os
 import sys
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .. import userfiles
-from .base import BatchError, JobId, JobInfo, JobScript, JobState, Presence, failed_query
+from ... import userfiles
+from ..base import BatchError, JobId, JobInfo, JobScript, JobState, Presence, Report, SchedulerTraits, failed_query
+from . import settings
 
 EVENT_LOG = "events.log"  # in the job's initialdir; the template's ``log =`` names the same file
 
@@ -84,10 +85,24 @@ class _Follow:
 
 
 @dataclass
-class HTCondorAdapter:
+class HTCondorAdapter(SchedulerTraits):
     """Submit with ``Schedd.submit``, follow event logs, reconcile with ``query``/``history``, remove with ``act``."""
 
     name: ClassVar[str] = "htcondor"
+    scheduler: ClassVar[str] = "htcondor"
+    access: ClassVar[str] = "bindings"
+    template: ClassVar[str] = "htcondor.sub.j2"
+    submits_description: ClassVar[bool] = True
+    takes_job_user: ClassVar[bool] = True  # jobs run as the token's identity
+    settings_keys: ClassVar[frozenset[str]] = settings.KEYS
+
+    @staticmethod
+    def check_settings(raw: Mapping[str, Any], path: str, error: Report, warn: Report) -> settings.HTCondorSettings:
+        return settings.check(raw, path, error, warn)
+
+    @staticmethod
+    def check_clusters(clusters: Sequence[Any], error: Report) -> None:
+        settings.check_clusters(clusters, error)
     condor_config: str | None = None
     schedd_name: str | None = None
     _follows: dict[JobId, _Follow] = field(default_factory=dict)
@@ -95,7 +110,7 @@ class HTCondorAdapter:
 
     @classmethod
     def from_cluster(cls, cluster: Any) -> HTCondorAdapter:
-        return cls(condor_config=cluster.condor_config, schedd_name=cluster.schedd)
+        return cls(condor_config=cluster.settings.condor_config, schedd_name=cluster.settings.schedd)
 
     @functools.cached_property
     def htcondor(self) -> Any:

@@ -21,18 +21,19 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .base import (
+from ..base import (
     BatchError,
     JobId,
     JobInfo,
     JobScript,
     JobState,
     Presence,
+    SchedulerTraits,
     command_prefix,
     failed_query,
     submit_prefix_for,
 )
-from .runner import CommandFailed, CommandRunner
+from ..runner import CommandFailed, CommandRunner
 
 # Slurm job states (squeue %T / sacct State) -> our reduced states
 STATE_MAP: dict[str, JobState] = {
@@ -166,10 +167,14 @@ def parse_sacct(stdout: str, job_ids: Collection[JobId]) -> dict[JobId, JobInfo]
 
 
 @dataclass
-class SlurmAdapter:
+class SlurmAdapter(SchedulerTraits):
     """sbatch / squeue / sacct / scancel, each through the injectable runner."""
 
     name: ClassVar[str] = "slurm"
+    scheduler: ClassVar[str] = "slurm"
+    access: ClassVar[str] = "cli"
+    template: ClassVar[str] = "slurm.sh.j2"
+    takes_submit_prefix: ClassVar[bool] = True
     runner: CommandRunner = field(default_factory=CommandRunner)
     use_jobcomp: bool | None = None  # sacct -c (no slurmdbd); None: try sacct first, then -c
     submit_prefix: tuple[str, ...] = ()  # e.g. ("sudo", "-n", "-u", "${user}"); empty: as the launcher
@@ -177,7 +182,7 @@ class SlurmAdapter:
     @classmethod
     def from_cluster(cls, cluster: Any) -> SlurmAdapter:
         return cls(runner=CommandRunner(timeout_s=cluster.command_timeout_s, bin_overrides=dict(cluster.commands)),
-                   submit_prefix=tuple(getattr(cluster, "submit_prefix", ())))
+                   submit_prefix=tuple(cluster.submit_prefix))
 
     def submit(self, script: JobScript) -> JobId:
         """sbatch the script; through the prefix as ``script.user`` when the cluster has one."""

@@ -49,12 +49,13 @@ from typing import Any, ClassVar
 import requests
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_fixed
 
-from .base import BatchError, JobId, JobInfo, JobScript, JobState, Presence, failed_query
-from .slurm import _state, _wait_status
+from ..base import BatchError, JobId, JobInfo, JobScript, JobState, Presence, Report, SchedulerTraits, failed_query
+from ..slurm.adapter import _state, _wait_status
+from . import settings
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_API_VERSIONS = ("v0.0.38",)  # later versions take a differently shaped job description
+SUPPORTED_API_VERSIONS = settings.API_VERSIONS  # later versions take a differently shaped job description
 INVALID_JOB_ID = 2017  # ESLURM_INVALID_JOB_ID: the controller does not know the id
 ALREADY_DONE = 2021  # ESLURM_ALREADY_DONE (not seen here: a finished job's DELETE gave 200)
 TOKEN_SYMPTOMS = {5005, -1}  # what 22.05 says to a rejected JWT: nothing about auth (HTTP 500)
@@ -192,10 +193,19 @@ class _Answer:
 
 
 @dataclass
-class SlurmRestAdapter:
+class SlurmRestAdapter(SchedulerTraits):
     """submit / poll / cancel as HTTP calls to slurmrestd, authenticated per call with a fresh token."""
 
     name: ClassVar[str] = "slurm"  # same scheduler, ids and states as the CLI adapter
+    scheduler: ClassVar[str] = "slurm"
+    access: ClassVar[str] = "rest"
+    template: ClassVar[str] = "slurm.sh.j2"
+    takes_job_user: ClassVar[bool] = True  # jobs run as the token's user
+    settings_keys: ClassVar[frozenset[str]] = settings.KEYS
+
+    @staticmethod
+    def check_settings(raw: Mapping[str, Any], path: str, error: Report, warn: Report) -> settings.RestAccess | None:
+        return settings.check(raw, path, error, warn)
 
     url: str
     user: str
@@ -213,7 +223,7 @@ class SlurmRestAdapter:
 
     @classmethod
     def from_cluster(cls, cluster: Any) -> SlurmRestAdapter:
-        rest = cluster.rest
+        rest = cluster.settings
         if rest is None:
             raise ValueError(f"cluster {cluster.name!r} uses access 'rest' but has no 'rest' settings")
         return cls(url=rest.url, user=rest.user, token_file=rest.token_file, api_version=rest.api_version,

@@ -25,18 +25,21 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .base import (
+from ..base import (
     BatchError,
     JobId,
     JobInfo,
     JobScript,
     JobState,
     Presence,
+    Report,
+    SchedulerTraits,
     command_prefix,
     failed_query,
     submit_prefix_for,
 )
-from .runner import CommandFailed, CommandRunner
+from ..runner import CommandFailed, CommandRunner
+from . import settings
 
 FLAVORS = ("pbspro", "torque")
 RC_UNKNOWN_JOB = 153  # PBSE_UNKJOBID & 0xff
@@ -230,10 +233,19 @@ def answer(jobs: Iterable[Mapping[str, str]], job_ids: Collection[JobId], return
 
 
 @dataclass
-class PbsAdapter:
+class PbsAdapter(SchedulerTraits):
     """qsub / qstat / qdel through the injectable runner; ``flavor`` picks the status dialect."""
 
     name: ClassVar[str] = "pbs"
+    scheduler: ClassVar[str] = "pbs"
+    access: ClassVar[str] = "cli"
+    template: ClassVar[str] = "pbs.sh.j2"
+    takes_submit_prefix: ClassVar[bool] = True
+    settings_keys: ClassVar[frozenset[str]] = settings.KEYS
+
+    @staticmethod
+    def check_settings(raw: Mapping[str, Any], path: str, error: Report, warn: Report) -> settings.PbsSettings:
+        return settings.check(raw, path, error, warn)
     runner: CommandRunner = field(default_factory=CommandRunner)
     flavor: str = "pbspro"
     submit_prefix: tuple[str, ...] = ()
@@ -241,7 +253,7 @@ class PbsAdapter:
     @classmethod
     def from_cluster(cls, cluster: Any) -> PbsAdapter:
         return cls(runner=CommandRunner(timeout_s=cluster.command_timeout_s, bin_overrides=dict(cluster.commands)),
-                   flavor=cluster.flavor or "pbspro", submit_prefix=tuple(cluster.submit_prefix))
+                   flavor=cluster.settings.flavor, submit_prefix=tuple(cluster.submit_prefix))
 
     def submit(self, script: JobScript) -> JobId:
         """``qsub`` the script file from its job folder (so ``PBS_O_WORKDIR`` names it)."""

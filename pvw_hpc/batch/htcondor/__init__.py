@@ -1,0 +1,1 @@
+"""HTCondor through its official Python bindings (``htcondor2``): ``"scheduler": "htcondor"``."""

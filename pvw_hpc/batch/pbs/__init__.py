@@ -1,0 +1,1 @@
+"""PBS Pro and Torque through ``qsub``/``qstat``/``qdel``: ``"scheduler": "pbs"`` with a ``flavor``."""

@@ -1,0 +1,1 @@
+"""SLURM through its commands (``sbatch``/``squeue``/``sacct``/``scancel``): ``"access": "cli"``, the default."""

@@ -1,0 +1,1 @@
+"""SLURM through slurmrestd's HTTP API with a JWT: ``"access": "rest"``, for a launcher outside the cluster."""
