@@ -6,10 +6,12 @@ works either way and a launch from the CLI takes the same path as a POST.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import requests
 
+from .api.views import launch_body, lifetime_view, session_view
 from .errors import LaunchError
 from .service import Service
 
@@ -32,21 +34,21 @@ class LocalClient:
             result = self.service.launch(payload)
         except LaunchError as exc:
             return exc.status, exc.body()
-        return result.status, result.body
+        return result.status, launch_body(result, self.service.config)
 
     def get(self, session_id: str) -> tuple[int, dict[str, Any]]:
-        return self._call(self.service.get, session_id)
+        return self._call(lambda: lifetime_view(self.service.get(session_id), self.service.config))
 
     def list(self) -> tuple[int, dict[str, Any]]:
-        return 200, {"sessions": self.service.list()}
+        return 200, {"sessions": [lifetime_view(r, self.service.config) for r in self.service.list()]}
 
     def stop(self, session_id: str) -> tuple[int, dict[str, Any]]:
-        return self._call(self.service.stop, session_id, "stopped by pvw-hpc cancel")
+        return self._call(lambda: session_view(self.service.stop(session_id, "stopped by pvw-hpc cancel")))
 
     @staticmethod
-    def _call(fn: Any, *args: Any) -> tuple[int, dict[str, Any]]:
+    def _call(fn: Callable[[], dict[str, Any]]) -> tuple[int, dict[str, Any]]:
         try:
-            return 200, fn(*args)
+            return 200, fn()
         except LaunchError as exc:
             return exc.status, exc.body()
 

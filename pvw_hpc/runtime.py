@@ -8,8 +8,10 @@ housekeeper are wired, started and stopped in one order everywhere.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from types import TracebackType
 
+from .batch.base import BatchAdapter
 from .config import LauncherConfig
 from .housekeeping import Housekeeper
 from .poller import Poller
@@ -22,8 +24,10 @@ log = logging.getLogger(__name__)
 class Runtime:
     """The service and its threads for one config; ``start()`` then ``close()`` (or use it as a context)."""
 
-    def __init__(self, config: LauncherConfig, store: Store | None = None):
-        self.service = Service(config, store)
+    def __init__(self, config: LauncherConfig, store: Store | None = None,
+                 adapters: Mapping[str, BatchAdapter] | None = None):
+        """Builds everything, starts nothing: tests may drive ``poller.tick()`` by hand before (or without) ``start``."""
+        self.service = Service(config, store, adapters)
         self.poller = Poller(self.service)
         self.housekeeper = Housekeeper(self.service)
 

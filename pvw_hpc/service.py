@@ -8,7 +8,6 @@ choice, states, map file) live in one place.
 from __future__ import annotations
 
 import builtins
-import datetime as dt
 import hmac
 import logging
 import time
@@ -42,54 +41,24 @@ NODE_ASK_EVERY_S = 2.0  # a callback for a job whose node the poller has not see
 
 @dataclass(frozen=True)
 class LaunchResult:
-    """What a launch answered: HTTP status and JSON body (200 ready, 202 accepted)."""
+    """What a launch answered: 200 ready or 202 accepted, and the session as it was then.
+
+    The API layer (``api/views.py``) turns it into the response body.
+    """
 
     status: int
-    body: dict[str, Any]
+    record: SessionRecord
     session_id: str
     cookie: str | None = None  # lets a retried POST re-attach to this pending batch session
     creator_key: str | None = None  # anonymous: the creator cookie to set (proves ownership later)
 
 
-def session_url(record: SessionRecord) -> str:
-    """The sessionURL; for a batch session host and port are only known once it is ready."""
-    url = record.session_url
-    if record.host and record.port:
-        url = url.replace(jobs.SENTINELS["host"], record.host).replace(jobs.SENTINELS["port"], str(record.port))
-    return url
-
-
-def session_view(record: SessionRecord) -> dict[str, Any]:
-    """The public JSON of a session (GET, list, DELETE): never the secret or the command."""
-    view: dict[str, Any] = {
-        **record.public,  # first: a configured field can never shadow what the launcher reports
-        "id": record.id,
-        "application": record.application,
-        "state": record.state.value,
-        "transitions": record.transitions(),
-        "host": record.host,
-        "port": record.port,
-        "sessionURL": session_url(record),
-    }
-    if record.job_dir is not None:  # a batch job (its folder is made with the row): the scheduler's view too
-        view["cluster"] = record.backend
-        view["job_id"] = record.job_id
-        view["scheduler_state"] = record.native_state
-        view["scheduler_reason"] = record.scheduler_reason
-        view["start_estimate"] = record.start_estimate.isoformat() if record.start_estimate else None
-    if record.state == SessionState.FAILED:
-        view["error"] = record.error
-    if record.state in (SessionState.ENDED, SessionState.FAILED):
-        view["exit_code"] = record.exit_code
-    if record.end_reason:
-        view["reason"] = record.end_reason
-    return view
-
-
 class Service:
     """Owns the store, the map writer and the backends for one config."""
 
-    def __init__(self, config: LauncherConfig, store: Store | None = None):
+    def __init__(self, config: LauncherConfig, store: Store | None = None,
+                 adapters: Mapping[str, BatchAdapter] | None = None):
+        """``adapters``: a cluster's adapter to use instead of the registered one (tests' scripted scheduler)."""
         self.config = config
         self.store = store or Store(config.database_url, pool_size=config.threads + 4)
         self.map = MapWriter(config.proxy_file, self.store.ready_routes)
@@ -97,7 +66,9 @@ class Service:
         self.life.stop_backend = self._stop_backend
         self.life.on_moved = self._moved
         self.local = LocalBackend(self.store, self.life.move)  # the local processes' monitor
-        self.adapters: dict[str, BatchAdapter] = {name: make_adapter(c) for name, c in config.clusters.items()}
+        given = adapters or {}
+        self.adapters: dict[str, BatchAdapter] = {name: given[name] if name in given else make_adapter(c)
+                                                  for name, c in config.clusters.items()}
         # where sessions run, one backend per place; the service never asks which kind it holds
         self.backends: dict[str, Backend] = {LOCAL_BACKEND: LocalSessions(self)}
         self.backends.update({name: ClusterSessions(self, cluster) for name, cluster in config.clusters.items()})
@@ -154,7 +125,7 @@ class Service:
             return self._wait_ready(pending.id, self.config.app_timeout_s(app), attach_cookie=attach)
         started = self.backends[app.cluster or LOCAL_BACKEND].launch(app, payload, requester)
         if not wait:
-            return LaunchResult(202, self._creator_view(started.session_id), started.session_id, started.cookie,
+            return LaunchResult(202, self._get(started.session_id), started.session_id, started.cookie,
                                 requester.creator_key)
         return self._wait_ready(started.session_id, started.wait_s, attach_cookie=started.cookie,
                                 creator_key=requester.creator_key)
@@ -172,7 +143,7 @@ class Service:
             text += f"\n# ---- {jobs.job_files(cluster, session_id).body} ----\n{body}"
         return text, template
 
-    def mark_ready(self, session_id: str, token: str | None, host: Any, port: Any) -> dict[str, Any]:
+    def mark_ready(self, session_id: str, token: str | None, host: Any, port: Any) -> SessionRecord:
         """The job's callback: only the holder of this session's token may set its host:port."""
         record = self._get(session_id)
         if not isinstance(token, str) or not token.isascii():
@@ -182,7 +153,7 @@ class Service:
         if not is_valid_host(host) or not is_valid_port(port):
             raise BadRequest("'host' must be a host name or IP address and 'port' an integer 1..65535")
         if record.state == SessionState.READY and (record.host, record.port) == (host, port):
-            return session_view(record)  # a retried callback: this route was checked when it was accepted
+            return record  # a retried callback: this route was checked when it was accepted
         refused = self.route_refusal(record.backend, self._node_of(record), host, port)
         if refused:
             self.refuse_route(session_id, f"callback {host}:{port}", refused)
@@ -190,7 +161,7 @@ class Service:
         # from submitted or queued (it ran and got ready between polls) starting is filled in
         if not self.life.move(session_id, SessionState.READY, current=record.state, host=host, port=port):
             raise Conflict(f"session {session_id} is {self._get(session_id).state.value}; it cannot become ready")
-        return session_view(self._get(session_id))
+        return self._get(session_id)
 
     def cluster_backend(self, name: str) -> ClusterSessions:
         """The backend of cluster ``name`` (the poller follows, reconciles and cancels its jobs through it)."""
@@ -241,39 +212,28 @@ class Service:
             self.nodes[record.id] = info.node
         return info.node
 
-    def get(self, session_id: str, identity: Identity = LOCAL_ADMIN, secret: str | None = None) -> dict[str, Any]:
+    def get(self, session_id: str, identity: Identity = LOCAL_ADMIN, secret: str | None = None) -> SessionRecord:
         if self.map.pending():  # the map agrees with the state we answer: a route for "ready", none after it
             self.map.wait_pending()
         record = self._get(session_id)
         self.policy.authorize(record, identity, secret, stop=False)
-        return self.view(record)
+        return record
 
-    def view(self, record: SessionRecord) -> dict[str, Any]:
-        """The session's JSON plus its lifetime limits (when it will be stopped)."""
-        body = session_view(record)
-        app = self.config.apps.get(record.application)
-        if app is not None and not record.is_final:
-            if app.max_age_s and record.starting_at:
-                body["expires_at"] = (record.starting_at + dt.timedelta(seconds=app.max_age_s)).isoformat()
-            if app.idle_timeout_s:
-                body["idle_timeout_s"] = app.idle_timeout_s
-        return body
-
-    def list(self, identity: Identity = LOCAL_ADMIN) -> list[dict[str, Any]]:
+    def list(self, identity: Identity = LOCAL_ADMIN) -> list[SessionRecord]:
         """Every session for admins and readers; a launcher token or a browser sees its own."""
         records = self.store.list()
         if not identity.has("read"):
             records = [r for r in records if self.policy.owns(r, identity)]
-        return [self.view(r) for r in records]
+        return records
 
     def stop(self, session_id: str, reason: str = "stopped by request", identity: Identity = LOCAL_ADMIN,
-             secret: str | None = None) -> dict[str, Any]:
+             secret: str | None = None) -> SessionRecord:
         """End a session and stop its process or job; stopping an ended session is a no-op."""
         record = self._get(session_id)
         self.policy.authorize(record, identity, secret, stop=True)
         if not record.is_final:  # the route is gone before the process or job is stopped
             self.life.move(session_id, SessionState.ENDED, current=record.state, stop=True, end_reason=reason)
-        return session_view(self._get(session_id))
+        return self._get(session_id)
 
     def _stop_backend(self, session_id: str) -> None:
         """Stop what a session that just reached a final state still runs: its process or its batch job."""
@@ -335,14 +295,6 @@ class Service:
     poller_wake: Any = None
     listening_url: str | None = None  # the endpoint URL `serve` bound; what callback_url "auto" means
 
-    def _creator_view(self, session_id: str) -> dict[str, Any]:
-        """What the creator of a session sees: the session plus the secret when the app gets it."""
-        record = self._get(session_id)
-        body = session_view(record)
-        if record.return_secret:
-            body["secret"] = record.secret
-        return body
-
     def _app(self, name: Any) -> AppConfig:
         if name is None:
             raise BadRequest("The request is not complete: 'application' is missing")
@@ -379,7 +331,7 @@ class Service:
                 if record.state == SessionState.READY:
                     if not self.map.sync():
                         log.error("map file not written in time for %s", session_id)
-                    return LaunchResult(200, self._ready_body(record), session_id, creator_key=creator_key)
+                    return LaunchResult(200, record, session_id, creator_key=creator_key)
                 if record.is_final:
                     raise Unavailable(record.error or record.end_reason or f"the session {record.state.value}",
                                       id=session_id, state=record.state.value)
@@ -405,15 +357,3 @@ class Service:
         why = f" ({record.scheduler_reason})" if record.scheduler_reason else ""
         when = f", expected to start {record.start_estimate.isoformat()}" if record.start_estimate else ""
         return f"the job {record.job_id} is still queued{why}{when}; retry to wait more"
-
-    def _ready_body(self, record: SessionRecord) -> dict[str, Any]:
-        """The stock success body: id, sessionURL, secret (when the app gets it), fields."""
-        body: dict[str, Any] = {"id": record.id, "sessionURL": session_url(record)}
-        if record.return_secret:
-            body["secret"] = record.secret
-        body.update(record.public)
-        for key in ("host", "port"):
-            if key in self.config.fields:
-                body[key] = getattr(record, key)
-        body["state"] = record.state.value
-        return body

@@ -20,7 +20,7 @@ from pvw_hpc.api import create_app
 from pvw_hpc.api.fast_get import FastSessionGet
 from pvw_hpc.auth import hash_token
 from pvw_hpc.config import load_dict
-from pvw_hpc.service import Service
+from pvw_hpc.runtime import Runtime
 
 ADMIN, READER = "admin-token-for-this-test", "reader-token-for-this-test"
 
@@ -36,7 +36,8 @@ def clients() -> Iterator[tuple[Client, Client, str, str]]:
                                  {"name": "portal", "sha256": hash_token(READER), "roles": ["launch"]}]}},
            "resources": [{"host": "127.0.0.1", "port_range": [9100, 9200]}],
            "apps": {"demo": {"cmd": ["true"]}}}
-    service = Service(load_dict(raw, source="tests/test_fast_get.py"))
+    runtime = Runtime(load_dict(raw, source="tests/test_fast_get.py"))  # no thread started: the reads are the test
+    service = runtime.service
     service.config.log_dir.mkdir(parents=True, exist_ok=True)
     session_id, secret = str(uuid.uuid4()), "s" * 32
     service.store.create(id=session_id, application="demo", backend="local", holds_port=True, host="127.0.0.1",
@@ -46,7 +47,7 @@ def clients() -> Iterator[tuple[Client, Client, str, str]]:
     try:
         yield Client(app), Client(FastSessionGet(app, service)), session_id, secret
     finally:
-        service.close()
+        runtime.close()
 
 
 @pytest.mark.parametrize("case", ["admin", "reader-not-owner", "anonymous", "secret", "wrong-secret", "bad-token",

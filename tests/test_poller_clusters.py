@@ -18,6 +18,7 @@ import pytest
 
 from pvw_hpc.config import load_dict
 from pvw_hpc.poller import Poller
+from pvw_hpc.runtime import Runtime
 from pvw_hpc.service import Service
 from tests.support.schedulers import BACKENDS, available
 
@@ -38,14 +39,15 @@ def service() -> Iterator[Service]:
         "clusters": {b.name: {**b.cluster, "job_dir": str(root / "jobs" / b.name)} for b in backends},
         "apps": {f"held-{b.name}": b.apps()["held"] for b in backends},
     }
-    svc = Service(load_dict(raw, source="tests/test_poller_clusters.py"))
+    runtime = Runtime(load_dict(raw, source="tests/test_poller_clusters.py"))  # threads not started: cycles by hand
+    svc = runtime.service
     svc.config.log_dir.mkdir(parents=True, exist_ok=True)
     try:
         yield svc
     finally:
         for record in svc.store.active():
             svc.stop(record.id)
-        svc.close()
+        runtime.close()
 
 
 def test_one_batched_poll_per_cluster_per_cycle(service: Service) -> None:
@@ -63,7 +65,7 @@ def test_one_batched_poll_per_cluster_per_cycle(service: Service) -> None:
     for name in service.adapters:
         for _ in range(2):  # two sessions per cluster
             result = service.launch({"application": f"held-{name}"}, wait=False)
-            assert result.status == 202, result.body
+            assert result.status == 202, result.record
     expected = {name: {r.job_id for r in service.store.active(backend=name) if r.job_id} for name in service.adapters}
     assert all(len(ids) == 2 for ids in expected.values()), expected
     calls.clear()

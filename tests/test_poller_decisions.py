@@ -22,6 +22,7 @@ from pvw_hpc.batch.base import JobId
 from pvw_hpc.config import load_dict
 from pvw_hpc.errors import Unavailable
 from pvw_hpc.poller import Poller
+from pvw_hpc.runtime import Runtime
 from pvw_hpc.service import Service
 from pvw_hpc.states import SessionState
 from tests.support.fake_scheduler import (
@@ -47,22 +48,19 @@ def world() -> Iterator[tuple[Service, Poller, ScriptedScheduler]]:
                               "probe_every_s": 1, "unreachable_after_s": 1}},
         "apps": {"viz": {"cluster": "fake", "cmd": ["app", "--port", "${port}"], "ready_line": "ready"}},
     }
-    service = Service(load_dict(raw, source="tests/test_poller_decisions.py"))
-    service.config.log_dir.mkdir(parents=True, exist_ok=True)
-    fake = ScriptedScheduler()
-    service.adapters["fake"] = fake  # the one substitution: no real scheduler behind this cluster
-    poller = Poller(service)
-    try:
-        yield service, poller, fake
+    fake = ScriptedScheduler()  # the one substitution: no real scheduler behind this cluster
+    runtime = Runtime(load_dict(raw, source="tests/test_poller_decisions.py"), adapters={"fake": fake})
+    runtime.service.config.log_dir.mkdir(parents=True, exist_ok=True)
+    try:  # the threads are not started: each test drives the poller's cycles itself
+        yield runtime.service, runtime.poller, fake
     finally:
-        poller.files.close()
-        service.close()
+        runtime.close()
         shutil.rmtree(root, ignore_errors=True)
 
 
 def launch(service: Service) -> tuple[str, JobId]:
     result = service.launch({"application": "viz"}, wait=False)
-    assert result.status == 202, result.body
+    assert result.status == 202, result.record
     record = service.store.get(result.session_id)
     assert record is not None and record.job_id
     return record.id, JobId(record.job_id)

@@ -27,7 +27,7 @@ def test_a_runtime_starts_everything_a_launch_needs_and_stops_it_all(tmp_path: P
     with Runtime(load_dict(raw, source="tests/test_runtime.py")).start() as runtime:
         assert {"pvw-map-writer", "pvw-local-monitor", "pvw-housekeeper"} <= _threads() - before
         result = runtime.service.launch({"application": "demo"})
-        assert result.status == 200, result.body
+        assert result.status == 200, result.record
         assert (tmp_path / "proxy.txt").read_text().startswith(result.session_id)
-        assert runtime.service.stop(result.session_id)["state"] == "ended"
+        assert runtime.service.stop(result.session_id).state.value == "ended"
     assert _threads() - before == set()  # closed in order, nothing left running

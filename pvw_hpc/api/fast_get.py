@@ -26,6 +26,7 @@ from ..service import Service
 from ..validate import is_session_id
 from . import internal_error_body
 from .launcher import CREATOR_COOKIE
+from .views import lifetime_view
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ class FastSessionGet:
         try:
             identity = self.service.auth.identify(environ.get("HTTP_AUTHORIZATION"), _cookies(environ), CREATOR_COOKIE,
                                                   environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"))
-            status, body = 200, self.service.get(session_id, identity, environ.get("HTTP_X_SESSION_SECRET"))
+            record = self.service.get(session_id, identity, environ.get("HTTP_X_SESSION_SECRET"))
+            status, body = 200, lifetime_view(record, self.service.config)
         except LaunchError as exc:
             status, body = exc.status, exc.body()
         except Exception as exc:  # as the Flask app's last error handler answers

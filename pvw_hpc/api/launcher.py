@@ -13,6 +13,7 @@ from flask.typing import ResponseReturnValue
 from ..auth import Identity
 from ..errors import LaunchError
 from . import current_service, parse_json_body
+from .views import launch_body, lifetime_view, session_view
 
 ATTACH_COOKIE = "pvw_hpc_pending"
 ATTACH_MAX_AGE_S = 3600
@@ -53,7 +54,7 @@ def make_blueprint(endpoint: str) -> Blueprint:
             response = jsonify(exc.body())
             response.status_code = exc.status
             return set_cookies(response, endpoint, exc.cookie)
-        response = jsonify(result.body)
+        response = jsonify(launch_body(result, current_service().config))
         response.status_code = result.status
         if result.status == 200 and request.cookies.get(ATTACH_COOKIE):
             response.delete_cookie(ATTACH_COOKIE, path=base)
@@ -62,16 +63,18 @@ def make_blueprint(endpoint: str) -> Blueprint:
     @bp.get(base)
     @bp.get(f"{base}/")
     def list_sessions() -> ResponseReturnValue:
-        return {"sessions": current_service().list(identify())}
+        service = current_service()
+        return {"sessions": [lifetime_view(r, service.config) for r in service.list(identify())]}
 
     @bp.get(f"{base}/<session_id>")
     def get_session(session_id: str) -> ResponseReturnValue:
-        return current_service().get(session_id, identify(), request.headers.get(SECRET_HEADER))
+        service = current_service()
+        return lifetime_view(service.get(session_id, identify(), request.headers.get(SECRET_HEADER)), service.config)
 
     @bp.delete(f"{base}/<session_id>")
     def delete_session(session_id: str) -> ResponseReturnValue:
-        return current_service().stop(session_id, reason="stopped by DELETE", identity=identify(),
-                                      secret=request.headers.get(SECRET_HEADER))
+        return session_view(current_service().stop(session_id, reason="stopped by DELETE", identity=identify(),
+                                                   secret=request.headers.get(SECRET_HEADER)))
 
     @bp.post(f"{base}/<session_id>/ready")
     def job_ready(session_id: str) -> ResponseReturnValue:
@@ -81,6 +84,6 @@ def make_blueprint(endpoint: str) -> Blueprint:
             body = {}
         auth = request.headers.get("Authorization", "")
         token = auth[7:] if auth.startswith("Bearer ") else body.get("token")
-        return current_service().mark_ready(session_id, token, body.get("host"), body.get("port"))
+        return session_view(current_service().mark_ready(session_id, token, body.get("host"), body.get("port")))
 
     return bp
