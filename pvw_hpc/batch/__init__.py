@@ -16,6 +16,7 @@ from .base import BatchAdapter
 from .htcondor.adapter import HTCondorAdapter
 from .pbs.adapter import PbsAdapter
 from .slurm.adapter import SlurmAdapter
+from .slurm_pyslurm.adapter import SlurmPyslurmAdapter
 from .slurm_rest.adapter import SlurmRestAdapter
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 ADAPTERS: tuple[type[BatchAdapter], ...] = (
     SlurmAdapter,
     SlurmRestAdapter,
+    SlurmPyslurmAdapter,
     PbsAdapter,
     HTCondorAdapter,
 )

@@ -1,0 +1,414 @@
+"""SLURM through pyslurm 22.5 (libslurm's own RPCs, in the launcher's process): one RPC per poll, no subprocess.
+
+What pyslurm 22.5.3 (the vendored ``22.5.x`` branch, new API only) does against Slurm 22.05.8,
+read in its source and measured on the cluster of ``schedulers/slurm/up``:
+
+* ``JobSubmitDescription.submit()`` ignores the script's ``#SBATCH`` lines (a job whose script
+  says ``--job-name=x`` keeps the ``name`` it was given); only ``load_sbatch_options()`` reads
+  them, and that one drops options it does not know and splits values at ``=`` and ``#``. So
+  :func:`job_fields` reads the directives of the rendered script the way sbatch does and sets
+  them as the description's attributes; an option it cannot translate is a :class:`BatchError`,
+  never dropped. The script is still submitted whole, directives and all.
+* ``script`` may be a path or the text, and pyslurm tries ``Path(script).is_file()`` first, which
+  raises ENAMETOOLONG for a text over 4 KiB (ours is about 10 KiB). The rendered file is passed
+  by path, as sbatch gets it.
+* libslurm adds nothing to the job's environment: without ``SLURM_UMASK`` the job runs with
+  slurmd's umask 0022 and its log is created 0644 (measured), where sbatch passes its own
+  umask. The environment is the launcher's, as sbatch's default ``--export=ALL`` sends it, plus
+  ``SLURM_UMASK=0077`` (the CLI adapter's ``SUBMIT_UMASK``: job.log 0600, measured) and
+  ``SLURM_SUBMIT_DIR``/``SLURM_SUBMIT_HOST`` as sbatch sets them. Resource limits are not
+  propagated (sbatch's ``SLURM_RLIMIT_*``): the job gets slurmd's.
+* Values are parsed by pyslurm, not by sbatch: a ``time_limit`` of digits must be an int (a
+  string of digits is passed on unconverted and fails), memory goes through pyslurm's own
+  rounding, and a memory of 0 (sbatch: all of the node's) is silently dropped. So minutes and
+  sizes are converted here with sbatch's rules, and ``--mem=0`` is refused.
+* ``Jobs.load()`` is one ``slurm_load_jobs`` RPC for every job the controller holds (finished
+  ones stay for MinJobAge; about 4 ms for 220 jobs here), a dict-like of job id -> ``Job``:
+  the one call per poll, whatever the number tracked. An id missing from it is ABSENT.
+  ``Job.load(id)`` is not used: an unknown id and a controller that is down both raise
+  ``RPCError``.
+* A controller that does not answer: every call blocks MessageTimeout - 1 s (9 s by default)
+  while libslurm retries, then raises ``RPCError`` errno 1800 "Unable to contact slurm
+  controller (connect failure)". pyslurm holds the GIL in every libslurm call (its source has no
+  ``nogil``), so for those seconds no other thread of the launcher runs: measured, a thread
+  ticking every 50 ms ticked once during a 1 s call. The CLI path has no such pause (squeue
+  waits in a child process), so a site expecting controller outages is better served by it.
+* ``Job.exit_code`` / ``exit_code_signal`` split the wait status, but an exit status >= 128
+  comes back with 128 taken off (exit 137 reads as 9). The poller prefers the job's own
+  ``exit_code`` file, which has the app's real code.
+* ``Job(id).cancel()`` sends signal 9, which slurmctld treats as scancel does (SIGTERM,
+  KillWait, SIGKILL), and counts an unknown or finished job as done.
+* ``import pyslurm`` runs ``slurm_init()``: when slurm.conf cannot be read, libslurm retries for
+  60 s and then calls ``fatal()``, which exits the whole process (measured). So the first use
+  imports it in a child process, once per launcher process, and only then here.
+
+Jobs run as the launcher's user (no ``submit_prefix``: nothing can run in front of a library
+call). Without slurmdbd there is no history beyond what the controller still holds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..base import BatchError, JobId, JobInfo, JobScript, JobState, Presence, SchedulerTraits, failed_query
+from ..slurm.adapter import SUBMIT_UMASK, _state
+
+INSTALL_HINT = ("install the '[pyslurm]' extra from the vendored pyslurm: scripts/install-pyslurm "
+                "(pip install --find-links <vendor folder> '.[pyslurm]'; no PyPI release builds against Slurm 22.05)")
+API_VERSION = (22, 5)  # pyslurm must be built for the Slurm it talks to
+LOAD_RETRY_S = 60.0  # after a failed import check, the next one waits this long (not one child per poll)
+# libslurm's words for "the controller did not answer" (slurm_errno.h): SLURM_COMMUNICATIONS_* 1001-1004,
+# SLURMCTLD_COMMUNICATIONS_* 1800-1803 (what a stopped slurmctld gives), SLURM_PROTOCOL_SOCKET_* 5000-5005
+UNREACHABLE_ERRNOS = frozenset({*range(1001, 1005), *range(1800, 1804), *range(5000, 5006)})
+_PROBE = ("import sys, pyslurm; v = tuple(pyslurm.slurm_api_version()); print(pyslurm.version(), v); "
+          f"sys.exit(0 if v[:2] == {API_VERSION!r} else 3)")
+
+# libslurm keeps per-process state (its config, errno): one pyslurm call at a time, from any adapter or thread
+_LIBSLURM = threading.Lock()
+_loaded: Any = None
+_load_failed: tuple[float, str] | None = None
+
+
+def load_pyslurm(timeout_s: float) -> Any:
+    """``pyslurm``, imported once per process after a child process survived the same import.
+
+    Called with ``_LIBSLURM`` held. A failure is a :class:`BatchError` saying why (not installed,
+    built for another Slurm, slurm.conf unreadable) and is remembered for ``LOAD_RETRY_S``.
+    """
+    global _loaded, _load_failed
+    if _loaded is not None:
+        return _loaded
+    if _load_failed is not None and time.monotonic() - _load_failed[0] < LOAD_RETRY_S:
+        raise BatchError(_load_failed[1])
+    why = None if "pyslurm" in sys.modules else _import_check(timeout_s)
+    if why is None:
+        try:
+            import pyslurm  # type: ignore[import-untyped,import-not-found]  # a Cython module without type information
+        except ImportError as exc:
+            why = f"import pyslurm failed: {exc}; {INSTALL_HINT}"
+        else:
+            _loaded, _load_failed = pyslurm, None
+            return pyslurm
+    _load_failed = (time.monotonic(), why)
+    raise BatchError(why)
+
+
+def _import_check(timeout_s: float) -> str | None:
+    """Why ``import pyslurm`` would fail (or end this process), found out in a child; None when it works."""
+    if importlib.util.find_spec("pyslurm") is None:
+        return f"pyslurm is not installed; {INSTALL_HINT}"
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE], stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return (f"import pyslurm did not finish in {timeout_s:g} s (libslurm retries for 60 s when it cannot "
+                "read slurm.conf; is SLURM_CONF right?)")
+    except OSError as exc:
+        return f"cannot run {sys.executable} to check pyslurm: {exc}"
+    if done.returncode == 3:
+        return f"pyslurm {done.stdout.strip()} is built for another Slurm; this adapter needs pyslurm 22.5 (Slurm 22.05)"
+    if done.returncode != 0:
+        said = "; ".join(done.stderr.strip().splitlines()[-3:]) or "no output"
+        return f"import pyslurm failed (exit {done.returncode}): {said}"
+    return None
+
+
+# -- #SBATCH directives -> JobSubmitDescription attributes ----------------------------------------
+
+
+def _integer(value: str) -> int:
+    if not value.isdigit():
+        raise ValueError("must be a whole number")
+    return int(value)
+
+
+def _minutes(value: str) -> int | str:
+    """sbatch ``--time``: digits are minutes (an int for pyslurm); the rest is libslurm's time_str2mins, as in sbatch."""
+    return int(value) if value.isdigit() else value
+
+
+_SIZE = re.compile(r"^(\d+)([KMGT]?)\Z", re.IGNORECASE)
+
+
+def _megabytes(value: str) -> int:
+    """sbatch's ``--mem``: a number of MB, or K/M/G/T; K rounds up to whole MB (str_to_mbytes)."""
+    match = _SIZE.match(value)
+    if not match:
+        raise ValueError("must be a size such as 4000, 4000M or 4G")
+    number, unit = int(match.group(1)), match.group(2).upper()
+    megabytes = -(-number // 1024) if unit == "K" else number * {"": 1, "M": 1, "G": 1024, "T": 1024 * 1024}[unit]
+    if megabytes == 0:  # sbatch: all of a node's memory; pyslurm 22.5 skips a zero without a word
+        raise ValueError("0 (all of a node's memory) cannot be passed through pyslurm 22.5")
+    return megabytes
+
+
+# sbatch long option -> (JobSubmitDescription attribute, how its value is converted): what the shipped
+# template writes (jobscripts/slurm.sh.j2) and the usual site extras whose value pyslurm reads as sbatch does
+_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "job-name": ("name", str),
+    "output": ("standard_output", str),
+    "error": ("standard_error", str),
+    "chdir": ("working_directory", str),
+    "partition": ("partitions", str),
+    "account": ("account", str),
+    "qos": ("qos", str),
+    "time": ("time_limit", _minutes),
+    "nodes": ("nodes", str),  # N or N-M, as pyslurm's _parse_nodes reads it
+    "ntasks": ("ntasks", _integer),
+    "cpus-per-task": ("cpus_per_task", _integer),
+    "mem": ("memory_per_node", _megabytes),
+    "mem-per-cpu": ("memory_per_cpu", _megabytes),
+    "gpus": ("gpus", str),
+    "gres": ("gres_per_node", str),
+    "constraint": ("constraints", str),
+    "reservation": ("reservations", str),
+    "nodelist": ("required_nodes", str),
+    "exclude": ("excluded_nodes", str),
+    "licenses": ("licenses", str),
+    "comment": ("comment", str),
+    "wckey": ("wckey", str),
+}
+# options without a value -> (attribute, the value sbatch sends for them)
+_FLAGS: dict[str, tuple[str, Any]] = {
+    "no-requeue": ("is_requeueable", False),
+    "requeue": ("is_requeueable", True),
+    "hold": ("priority", 0),  # what sbatch -H sends: priority 0, which slurmctld holds as JobHeldUser
+    "exclusive": ("resource_sharing", "no"),
+}
+_SHORT = {"J": "job-name", "o": "output", "e": "error", "D": "chdir", "p": "partition", "A": "account", "q": "qos",
+          "t": "time", "N": "nodes", "n": "ntasks", "c": "cpus-per-task", "G": "gpus", "C": "constraint",
+          "w": "nodelist", "x": "exclude", "L": "licenses", "H": "hold"}
+
+
+def directive_tokens(text: str) -> list[str]:
+    """The arguments of the ``#SBATCH`` lines, read where sbatch reads them.
+
+    Only before the first command (blank lines and comments may come between); a line may
+    hold several options; values may be shell-quoted, and ``#`` after whitespace starts a comment.
+    """
+    tokens: list[str] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if number == 1 and stripped.startswith("#!"):
+            continue
+        if line.startswith("#SBATCH"):
+            try:
+                tokens.extend(shlex.split(line[len("#SBATCH"):], comments=True))
+            except ValueError as exc:
+                raise BatchError(f"cannot read directive on line {number}: {line!r}: {exc}") from None
+        elif stripped and not stripped.startswith("#"):
+            break
+    return tokens
+
+
+def job_fields(text: str) -> dict[str, Any]:
+    """``JobSubmitDescription`` attributes for the ``#SBATCH`` lines of ``text`` (a later option wins, as in sbatch).
+
+    An option without a translation here raises :class:`BatchError`: pyslurm would not read it
+    from the script, so passing the job on would quietly run it without that option.
+    """
+    tokens = directive_tokens(text)
+    fields: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        i += 1
+        if token.startswith("--"):
+            name, eq, value = token[2:].partition("=")
+            has_value = bool(eq)
+        elif token.startswith("-") and len(token) >= 2:
+            name, value = _SHORT.get(token[1], "-" + token[1]), token[2:]
+            has_value = bool(value)
+        else:
+            raise BatchError(f"unexpected #SBATCH argument {token!r}")
+        if name in _FLAGS:
+            if has_value:
+                raise BatchError(f"#SBATCH --{name} takes no value here")
+            attribute, constant = _FLAGS[name]
+            fields[attribute] = constant
+            continue
+        if name not in _OPTIONS:
+            supported = ", ".join(f"--{o}" for o in (*_OPTIONS, *_FLAGS))
+            raise BatchError(f"#SBATCH {token.partition('=')[0]} cannot be passed through pyslurm "
+                             f"(it does not read #SBATCH lines; pvw-hpc translates only {supported})")
+        if not has_value:
+            if i >= len(tokens):
+                raise BatchError(f"#SBATCH --{name} needs a value")
+            value = tokens[i]
+            i += 1
+        attribute, convert = _OPTIONS[name]
+        try:
+            fields[attribute] = convert(value)
+        except ValueError as exc:
+            raise BatchError(f"#SBATCH --{name}={value}: {exc}") from None
+    return fields
+
+
+# -- pyslurm's Job -> JobInfo ---------------------------------------------------------------------------
+
+
+def exit_status(job: Any) -> int | None:
+    """The shell's convention, as the CLI adapter's ``_wait_status``: the exit status, or 128 + the signal."""
+    signal = job.exit_code_signal
+    if signal:
+        return 128 + int(signal)
+    code = job.exit_code
+    return int(code) if code is not None else None
+
+
+def job_info(job: Any) -> JobInfo:
+    """One ``pyslurm.Job`` as a FOUND :class:`JobInfo`, its state words read with the CLI adapter's table."""
+    native = str(job.state or "")
+    reason = job.state_reason
+    reason_text = None if reason in (None, "", "None") else str(reason)
+    state = _state(native, reason_text)
+    # batch_host is where the script (so the job side and the app) runs; allocated_nodes may be a range
+    node = job.batch_host or job.allocated_nodes or None
+    start = job.start_time
+    return JobInfo(
+        job_id=JobId(str(job.id)), presence=Presence.FOUND, state=state, native_state=native or None,
+        node=str(node) if node else None, reason=reason_text,
+        exit_code=exit_status(job) if state.is_final else None,
+        start_estimate=(dt.datetime.fromtimestamp(start, dt.timezone.utc)
+                        if state in (JobState.QUEUED, JobState.HELD) and isinstance(start, int) and start > 0 else None),
+        name=job.name, workdir=job.working_directory,
+        raw={"state": job.state, "state_reason": reason, "batch_host": job.batch_host,
+             "allocated_nodes": job.allocated_nodes, "exit_code": job.exit_code,
+             "exit_code_signal": job.exit_code_signal, "start_time": start},
+    )
+
+
+def _rpc_error(what: str, exc: Exception) -> BatchError:
+    """A pyslurm failure as a BatchError; ``unreachable`` when libslurm says the controller did not answer."""
+    errno = getattr(exc, "errno", None)
+    text = str(exc) or type(exc).__name__
+    unreachable = errno in UNREACHABLE_ERRNOS or "Unable to contact" in text
+    return BatchError(f"pyslurm {what} failed: {text}" + (f" (slurm errno {errno})" if errno is not None else ""),
+                      [f"pyslurm {what}"], errno if isinstance(errno, int) else None, text, unreachable=unreachable)
+
+
+@dataclass
+class SlurmPyslurmAdapter(SchedulerTraits):
+    """submit / poll / cancel as libslurm RPCs through pyslurm, one at a time per process."""
+
+    name: ClassVar[str] = "slurm"  # same scheduler, ids and states as the CLI adapter
+    scheduler: ClassVar[str] = "slurm"
+    access: ClassVar[str] = "pyslurm"
+    template: ClassVar[str] = "slurm.sh.j2"  # the CLI path's script; its directives also become job fields
+    takes_submit_prefix: ClassVar[bool] = False  # a library call has no argv to put sudo in front of
+    takes_job_user: ClassVar[bool] = False  # jobs run as the launcher's user
+
+    bindings: Any = None  # the pyslurm module; None: imported on first use (the unit tests pass a fake)
+    import_timeout_s: float = 30.0  # for the one-off import check in a child process
+
+    @classmethod
+    def from_cluster(cls, cluster: Any) -> SlurmPyslurmAdapter:
+        return cls(import_timeout_s=cluster.command_timeout_s)
+
+    def _pyslurm(self) -> Any:
+        """The module (called with ``_LIBSLURM`` held); :class:`BatchError` when it cannot be used."""
+        if self.bindings is None:
+            self.bindings = load_pyslurm(self.import_timeout_s)
+        return self.bindings
+
+    # -- the adapter interface ---------------------------------------------------------------
+
+    def submit(self, script: JobScript) -> JobId:
+        """``JobSubmitDescription(...).submit()`` of the rendered file, its directives as the description's fields."""
+        fields = job_fields(script.text)
+        fields.setdefault("name", script.name)
+        fields.setdefault("working_directory", str(script.workdir))  # sbatch's default is where it runs
+        fields["environment"] = _environment(script)
+        fields["script"] = str(script.path)
+        fields["script_args"] = [str(script.path)]  # argv[0], as sbatch sends it (scontrol's Command=)
+        with _LIBSLURM:
+            pyslurm = self._pyslurm()
+            try:
+                job_id = pyslurm.JobSubmitDescription(**fields).submit()
+            except pyslurm.RPCError as exc:  # slurmctld refused it, or did not answer
+                raise _rpc_error("submit", exc) from None
+            except Exception as exc:  # pyslurm's own checks of the values (ValueError, TypeError, OSError...)
+                raise BatchError(f"pyslurm refused the job description: {type(exc).__name__}: {exc}") from None
+        if not isinstance(job_id, int) or job_id <= 0:
+            raise BatchError(f"pyslurm submit returned {job_id!r}, not a job id")
+        return JobId(str(job_id))
+
+    def poll(self, job_ids: Collection[JobId]) -> dict[JobId, JobInfo]:
+        """One ``Jobs.load()`` for all ids; an id not in a successful answer is ABSENT, any failure QUERY_FAILED."""
+        if not job_ids:
+            return {}
+        try:
+            found = self._load({str(j) for j in job_ids})
+        except BatchError as exc:
+            return failed_query(job_ids, str(exc))
+        return {j: found.get(JobId(str(j))) or JobInfo(j, Presence.ABSENT) for j in job_ids}
+
+    def history(self, job_ids: Collection[JobId]) -> dict[JobId, JobInfo]:
+        """What the controller still holds (MinJobAge after the end): one ``Jobs.load()``; ABSENT when not there.
+
+        pyslurm's accounting side (``pyslurm.db``) needs slurmdbd, and slurmctld keeps nothing
+        older: a job missing here is ABSENT, which the poller never takes as an end.
+        """
+        return self.poll(job_ids)
+
+    def find_named(self, prefix: str) -> dict[JobId, JobInfo]:
+        """Live jobs (of every user) named ``prefix...``, with their working directories: one ``Jobs.load()``."""
+        found = self._load(None, prefix)
+        return {j: info for j, info in found.items() if info.state is not None and not info.state.is_final}
+
+    def cancel(self, job_id: JobId, user: str | None = None) -> None:
+        """``Job(id).cancel()``; an unknown or finished job counts as cancelled (pyslurm ignores those errors).
+
+        ``user`` is accepted as the interface asks and ignored: the launcher's user submitted the
+        job, so that is who cancels it.
+        """
+        if not str(job_id).isdigit():
+            raise BatchError(f"not a Slurm job id: {job_id!r}")
+        with _LIBSLURM:
+            pyslurm = self._pyslurm()
+            try:
+                pyslurm.Job(int(job_id)).cancel()
+            except pyslurm.RPCError as exc:
+                raise _rpc_error(f"cancel of job {job_id}", exc) from None
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _load(self, wanted: set[str] | None, prefix: str | None = None) -> dict[JobId, JobInfo]:
+        """One ``Jobs.load()``: the jobs whose ids are ``wanted`` (or whose names start with ``prefix``).
+
+        Raises :class:`BatchError` for anything that went wrong, so no failure reads as an empty queue.
+        """
+        with _LIBSLURM:
+            pyslurm = self._pyslurm()
+            try:
+                jobs = pyslurm.Jobs.load()
+                return {info.job_id: info for info in (
+                    job_info(job) for job in jobs.values()
+                    if (wanted is None or str(job.id) in wanted)
+                    and (prefix is None or str(job.name or "").startswith(prefix)))}
+            except pyslurm.RPCError as exc:
+                raise _rpc_error("Jobs.load", exc) from None
+            except Exception as exc:  # anything else pyslurm raises while reading the answer
+                raise BatchError(f"pyslurm Jobs.load failed: {type(exc).__name__}: {exc}") from None
+
+
+def _environment(script: JobScript) -> dict[str, str]:
+    """The job's environment as sbatch would send it from a launcher running with ``SUBMIT_UMASK``."""
+    try:
+        submit_dir = os.getcwd()
+    except OSError:  # the launcher's folder was removed under it
+        submit_dir = str(script.workdir)
+    return {**os.environ, **script.env, "SLURM_UMASK": f"{SUBMIT_UMASK:04o}", "SLURM_SUBMIT_DIR": submit_dir,
+            "SLURM_SUBMIT_HOST": socket.gethostname()}
