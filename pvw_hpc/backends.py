@@ -9,8 +9,10 @@ last run left behind. State changes go through the service's
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from .batch.runner import CommandFailed
 from .clusters import LOCAL_BACKEND, ClusterConfig
 from .config import AppConfig
 from .errors import BadRequest, Unavailable
-from .local import find_unrecorded
+from .local import Relaunch, find_unrecorded
 from .policy import sha256
 from .ports import candidates
 from .procs import terminate_group
@@ -100,7 +102,8 @@ class LocalSessions:
         env = {key: substitute(value, rendered.variables) for key, value in app.env.items()}
         try:
             self.monitor.spawn(record, argv=list(rendered.argv), env=env, cwd=app.cwd,
-                               ready_line=app.ready_line, timeout_s=timeout_s)
+                               ready_line=app.ready_line, timeout_s=timeout_s,
+                               relaunch=functools.partial(self._relaunch, app, payload, secret, requester))
         except OSError as exc:
             error = f"the process did not start: {exc}; session log {record.log_path}"
             service.life.move(record.id, SessionState.FAILED, error=error)
@@ -133,6 +136,31 @@ class LocalSessions:
         render(config, app, payload, {"id": session_id, "host": "", "port": "", "secret": secret,
                                       "user": requester.user})
         raise Unavailable("All the resources are currently taken: no free port in 'resources'")
+
+    def _relaunch(self, app: AppConfig, payload: Mapping[str, Any], secret: str, requester: Requester,
+                  session_id: str, tried: list[int], attempt: int) -> Relaunch | None:
+        """Another free port of ``resources`` for a session whose port was taken: the row moves to it first.
+
+        Its templates are rendered again for the new port (argv, sessionURL, fields), and the
+        retry is kept on the session (``port_retries``) before the app starts again.
+        """
+        config, store = self.service.config, self.service.store
+        held = {res.host: store.held_ports(res.host) for res in config.resources}
+        for host, port in candidates(config.resources, held):
+            if port in tried:
+                continue
+            rendered = render(config, app, payload, {"id": session_id, "host": host, "port": str(port),
+                                                     "secret": secret, "user": requester.user})
+            try:
+                store.move_port(session_id, host, port, argv=list(rendered.argv), session_url=rendered.session_url,
+                                public=public_fields(self.service, payload, rendered))
+            except PortTaken:
+                continue
+            self.service.note_port_retries(session_id, [{"try": attempt, "port": tried[-1], "next_port": port,
+                                                         "at": time.time()}])
+            env = {key: substitute(value, rendered.variables) for key, value in app.env.items()}
+            return Relaunch(host, port, list(rendered.argv), env, app.cwd)
+        return None
 
     def stop(self, record: SessionRecord) -> None:
         exit_code = self.monitor.stop(record)

@@ -137,8 +137,11 @@ def check(config_file: str | None) -> None:
     if config is None:
         click.echo(f"{path}: {sum(not p.warning for p in problems)} error(s)")
         sys.exit(EXIT_ERROR)
+    from .ephemeral import local_range, warnings
     from .folders import problems as folder_problems
 
+    for where, why in warnings(config, local_range()):
+        click.echo(f"warning: {where}: {why}")
     unsafe = folder_problems(config)
     for why in unsafe:
         click.echo(f"error: {why}")

@@ -6,6 +6,12 @@ notices exits, and enforces the start timeout. Output goes straight to
 ``<log_dir>/<id>.txt`` (not through a pipe), so the apps keep running when the
 launcher is killed, and a restarted launcher re-attaches to them by pid and
 process start time.
+
+A port found free may be taken before the app binds it (an outgoing connection
+gets an ephemeral port from the same numbers). An app that exits before ready
+saying its address is in use is started again on another port of ``resources``,
+at most ``PORT_TRIES`` starts in all, each written in its log; the backend that
+spawned it picks the port (``relaunch``), this monitor restarts the process.
 """
 
 from __future__ import annotations
@@ -32,8 +38,25 @@ ALL_CPUS = frozenset(os.sched_getaffinity(0))  # before `serve` may pin itself: 
 FAST_TICK_S = 0.01  # while anything is starting
 SLOW_TICK_S = 0.1  # only ready sessions: an exit is noticed well within 1 s
 LOG_TAIL_BYTES = 4096
+PORT_TRIES = 4  # starts in all: the first and up to three on other ports (port_retries.MAX_TRIES)
+IN_USE_WORDS = (b"address already in use", b"eaddrinuse", b"errno 98")  # as the job side reads them
 
 Move = Callable[..., bool]  # Lifecycle.move: the only way a session's state changes
+
+
+@dataclasses.dataclass(frozen=True)
+class Relaunch:
+    """Where and how to start a session's app again: the row already holds ``host:port``."""
+
+    host: str
+    port: int
+    argv: list[str]
+    env: Mapping[str, str]
+    cwd: str | None
+
+
+# (session id, ports tried so far, this try's number) -> the next start, or None when no port is left
+Relauncher = Callable[[str, list[int], int], "Relaunch | None"]
 
 
 def log_tail(path: str | None, lines: int = 10) -> str:
@@ -60,6 +83,10 @@ class _Watch:
     popen: subprocess.Popen[bytes] | None = None
     offset: int = 0
     tail: bytes = b""
+    relaunch: Relauncher | None = None  # None: not started by us in this run (adopted), never restarted
+    tries: int = 1
+    try_offset: int = 0  # where this start's output begins in the log
+    ports_tried: list[int] = dataclasses.field(default_factory=list)
 
 
 class LocalBackend:
@@ -73,6 +100,8 @@ class LocalBackend:
         self._watches: dict[str, _Watch] = {}
         self._lock = threading.Lock()
         self._loop = BackgroundLoop("pvw-local-monitor", self._step)
+        # a test hook: runs just before an app is started on (host, port), e.g. to take that port first
+        self.before_start: Callable[[str, int], None] | None = None
 
     # -- life cycle of the monitor -------------------------------------------------------
 
@@ -93,28 +122,21 @@ class LocalBackend:
         cwd: str | None,
         ready_line: str | None,
         timeout_s: float,
+        relaunch: Relauncher | None = None,
     ) -> None:
         """Start the app; the row is STARTING with its pid before this returns.
 
         Raises ``OSError`` when the program cannot be started; the caller fails the session.
+        ``relaunch`` picks another port when the app exits saying its port was taken.
         """
         assert record.log_path and record.host and record.port
         Path(record.log_path).parent.mkdir(parents=True, exist_ok=True)
         # a new file of our own: never through a link, never one someone made for us
         fd = os.open(record.log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         try:
-            popen = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT,
-                cwd=cwd, env={**os.environ, **env, SESSION_ENV: record.id},
-                start_new_session=True,  # own process group: stops as a whole, survives our restart
-            )
+            popen = self._popen(record.id, fd, record.host, record.port, argv, env, cwd)
         finally:
             os.close(fd)
-        if os.sched_getaffinity(0) != ALL_CPUS:  # the launcher is pinned (pin_cpu); its apps are not
-            try:
-                os.sched_setaffinity(popen.pid, ALL_CPUS)
-            except OSError:
-                pass  # it already exited: the monitor will see that
         pid_start = procs.start_time(popen.pid)
         moved = self.move(record.id, SessionState.STARTING, current=SessionState.SUBMITTED, pid=popen.pid,
                           pid_start=pid_start)
@@ -122,6 +144,7 @@ class LocalBackend:
             session_id=record.id, pid=popen.pid, pid_start=pid_start, log_path=record.log_path,
             ready_line=ready_line.encode() if ready_line else None, host=record.host, port=record.port,
             deadline=time.monotonic() + timeout_s, state=SessionState.STARTING, popen=popen,
+            relaunch=relaunch, ports_tried=[record.port],
         )
         if not moved:  # cancelled while we were starting it
             procs.terminate_group(popen.pid, pid_start)
@@ -130,6 +153,23 @@ class LocalBackend:
         with self._lock:
             self._watches[record.id] = watch
         self._loop.wake()
+
+    def _popen(self, session_id: str, fd: int, host: str, port: int, argv: list[str], env: Mapping[str, str],
+               cwd: str | None) -> subprocess.Popen[bytes]:
+        """The app's process, its output appended to the log ``fd``."""
+        if self.before_start is not None:
+            self.before_start(host, port)
+        popen = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT,
+            cwd=cwd, env={**os.environ, **env, SESSION_ENV: session_id},
+            start_new_session=True,  # own process group: stops as a whole, survives our restart
+        )
+        if os.sched_getaffinity(0) != ALL_CPUS:  # the launcher is pinned (pin_cpu); its apps are not
+            try:
+                os.sched_setaffinity(popen.pid, ALL_CPUS)
+            except OSError:
+                pass  # it already exited: the monitor will see that
+        return popen
 
     def stop(self, record: SessionRecord) -> int | None:
         """Stop the process of a session already moved to a final state.
@@ -198,6 +238,8 @@ class LocalBackend:
         return False if procs.is_alive(watch.pid, watch.pid_start) else None
 
     def _finish_exited(self, watch: _Watch, exit_code: int | None) -> None:
+        if watch.state == SessionState.STARTING and self._port_was_taken(watch) and self._start_again(watch):
+            return
         with self._lock:
             self._watches.pop(watch.session_id, None)
         if watch.state == SessionState.STARTING:
@@ -210,6 +252,53 @@ class LocalBackend:
             self.move(watch.session_id, SessionState.FAILED, current=watch.state, exit_code=exit_code, error=error)
         else:
             self.move(watch.session_id, SessionState.ENDED, current=watch.state, exit_code=exit_code)
+
+    def _port_was_taken(self, watch: _Watch) -> bool:
+        """This start's output (its last 64 KiB) says the app could not bind its port."""
+        if watch.relaunch is None or watch.tries >= PORT_TRIES or not watch.log_path:
+            return False
+        try:
+            size = os.stat(watch.log_path).st_size
+        except OSError:
+            return False
+        read = userfiles.read_range(watch.log_path, max(watch.try_offset, size - (1 << 16)), 1 << 16)
+        if read is None:
+            return False
+        lowered = read[0].lower()
+        return any(word in lowered for word in IN_USE_WORDS)
+
+    def _start_again(self, watch: _Watch) -> bool:
+        """Start the app of a session whose port was taken on another port; False when that cannot be done."""
+        assert watch.relaunch is not None
+        plan = watch.relaunch(watch.session_id, list(watch.ports_tried), watch.tries + 1)
+        if plan is None:
+            return False
+        note = (f"\npvw-hpc: port {watch.port} was taken before the app could bind it (address already in use): "
+                f"starting it again on port {plan.port} (try {watch.tries + 1} of {PORT_TRIES})\n")
+        try:
+            fd = os.open(watch.log_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+            try:
+                os.write(fd, note.encode())
+                offset = os.fstat(fd).st_size
+                popen = self._popen(watch.session_id, fd, plan.host, plan.port, plan.argv, plan.env, plan.cwd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("session %s: could not start the app again: %s", watch.session_id, exc)
+            return False
+        pid_start = procs.start_time(popen.pid)
+        self.store.update(watch.session_id, pid=popen.pid, pid_start=pid_start)
+        watch.pid, watch.pid_start, watch.popen = popen.pid, pid_start, popen
+        watch.host, watch.port, watch.tries = plan.host, plan.port, watch.tries + 1
+        watch.offset = watch.try_offset = offset
+        watch.tail = b""
+        watch.ports_tried.append(plan.port)
+        log.info("session %s: port taken, app started again on %s:%d (try %d)", watch.session_id, plan.host,
+                 plan.port, watch.tries)
+        current = self.store.get(watch.session_id)
+        if current is None or current.is_final:  # stopped while we restarted it: the stop saw the old pid
+            procs.terminate_group(popen.pid, pid_start)
+        return True
 
     @staticmethod
     def _terminate(watch: _Watch) -> None:

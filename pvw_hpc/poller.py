@@ -35,6 +35,9 @@ RECONCILE_EVERY_S = 60.0  # also after start: jobs by name against sessions
 MAX_BACKOFF_S = 15.0  # while a scheduler is down: keep asking, at most this far apart
 PROBE_TIMEOUT_S = 1.0  # a ready app's node:port that does not accept a connect this fast counts as unreachable
 _MARKER_RE = re.compile(rb"PVW-HPC-READY ([0-9a-f-]{36}) (\S+):(\d+)\r?\n")
+# the job side started the app again on another port: session, try, taken port, next port, Unix time
+_RETRY_WORD = b"PVW-HPC-RETRY "
+_RETRY_RE = re.compile(rb"PVW-HPC-RETRY ([0-9a-f-]{36}) (\d{1,2}) (\d{1,5}) (\d{1,5}) (\d{1,12}(?:\.\d{1,6})?)\r?\n")
 
 
 @dataclass
@@ -294,12 +297,15 @@ class Poller:
         for record, answer in zip(records, found, strict=True):
             if answer is None:
                 continue  # no answer in time: the same bytes are read again next cycle
-            markers, moved = answer
+            markers, retries, moved = answer
             info = infos.get(JobId(record.job_id or ""))
             node = info.node if info else None
             if node is None and markers:
                 continue  # where the job runs is not known yet: read these lines again once it is
             self._scans[record.id] = moved
+            mine = [r for session_id, r in retries if session_id == record.id]
+            if mine:
+                self.service.note_port_retries(record.id, mine)
             for session_id, host, port in markers:
                 if session_id != record.id or not is_valid_host(host) or not is_valid_port(port):
                     continue
@@ -319,21 +325,28 @@ class Poller:
             self.moves += 1
 
 
-def _read_markers(path: Path, scan: _LogScan) -> tuple[list[tuple[str, str, int]], _LogScan]:
-    """Marker lines after ``scan`` (at most 1 MiB a cycle) and the scan position after them.
+Retry = tuple[str, dict[str, Any]]  # session id, as port_retries.checked reads an entry
+
+
+def _read_markers(path: Path, scan: _LogScan) -> tuple[list[tuple[str, str, int]], list[Retry], _LogScan]:
+    """Ready and retry marker lines after ``scan`` (at most 1 MiB a cycle) and the scan position after them.
 
     Pure: it runs on a reader thread and may answer too late, so the poller decides
     whether the new position is kept.
     """
     read = userfiles.read_range(path, scan.offset, 1 << 20)
     if read is None:
-        return [], scan
+        return [], [], scan
     data, _size = read
     window = scan.tail + data
     found = [(m.group(1).decode(), m.group(2).decode("ascii", "replace"), int(m.group(3)))
              for m in _MARKER_RE.finditer(window)]
+    retries = [] if _RETRY_WORD not in window else [
+        (m.group(1).decode(), {"try": int(m.group(2)), "port": int(m.group(3)), "next_port": int(m.group(4)),
+                               "at": float(m.group(5))})
+        for m in _RETRY_RE.finditer(window)]
     cut = window.rfind(b"\n")
-    return found, _LogScan(offset=scan.offset + len(data), tail=window[cut + 1:][-256:] if cut >= 0 else window[-256:])
+    return found, retries, _LogScan(offset=scan.offset + len(data), tail=window[cut + 1:][-256:] if cut >= 0 else window[-256:])
 
 
 def _read_job_file(record: TrackedJob, name: str) -> str | None:

@@ -16,7 +16,7 @@ import signal
 import sys
 from types import FrameType
 
-from . import folders
+from . import ephemeral, folders
 from .api import create_app
 from .api.fast_get import FastSessionGet
 from .config import LauncherConfig
@@ -56,6 +56,8 @@ def serve(config: LauncherConfig) -> None:
         cpu = max(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cpu})
         log.info("pinned to CPU %d (pin_cpu); apps still get every CPU", cpu)
+    for where, why in ephemeral.warnings(config, ephemeral.local_range()):
+        log.warning("%s: %s", where, why)
     runtime = Runtime(config).start()  # each backend recovers, then the threads start
     service = runtime.service
     app = FastSessionGet(create_app(service=service), service)  # session reads skip Flask (see fast_get.py)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import jobs, limits
+from . import jobs, limits, port_retries
 from .auth import LOCAL_ADMIN, Authenticator, Identity
 from .backends import Backend, ClusterSessions, LocalSessions
 from .batch import make_adapter
@@ -31,7 +31,7 @@ from .mapfile import MapWriter
 from .policy import AccessPolicy, sha256
 from .routes import RoutePolicy
 from .states import SessionState
-from .store import SessionRecord, Store
+from .store import SessionRecord, Store, utcnow
 from .validate import is_session_id, is_valid_host, is_valid_port
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,12 @@ class Service:
             text += f"\n# ---- {jobs.job_files(cluster, session_id).body} ----\n{body}"
         return text, template
 
-    def mark_ready(self, session_id: str, token: str | None, host: Any, port: Any) -> SessionRecord:
-        """The job's callback: only the holder of this session's token may set its host:port."""
+    def mark_ready(self, session_id: str, token: str | None, host: Any, port: Any,
+                   retries: Any = None) -> SessionRecord:
+        """The job's callback: only the holder of this session's token may set its host:port.
+
+        ``retries``: the job side's starts on other ports before this one (kept as reported, if valid).
+        """
         record = self._get(session_id)
         if not isinstance(token, str) or not token.isascii():
             token = None  # only the job side's own (ASCII) token can match
@@ -158,10 +162,25 @@ class Service:
         if refused:
             self.refuse_route(session_id, f"callback {host}:{port}", refused)
             raise Forbidden(f"route {host}:{port} refused: {refused}")
+        if retries:
+            self.note_port_retries(session_id, retries)
         # from submitted or queued (it ran and got ready between polls) starting is filled in
         if not self.life.move(session_id, SessionState.READY, current=record.state, host=host, port=port):
             raise Conflict(f"session {session_id} is {self._get(session_id).state.value}; it cannot become ready")
         return self._get(session_id)
+
+    def note_port_retries(self, session_id: str, reported: Any) -> None:
+        """Keep the retries on other ports a job side reported (callback or marker lines); see :mod:`port_retries`."""
+        record = self.store.get(session_id)
+        if record is None or record.is_final:
+            return
+        new = port_retries.checked(reported, record.submitted_at or utcnow(), utcnow())
+        kept = port_retries.merged(record.port_retries, new)
+        if kept != (record.port_retries or []):
+            self.store.update(session_id, port_retries=kept)
+            for entry in new:
+                log.info("session %s: port %s was taken; the app was started again on %s (try %s)",
+                         session_id, entry["port"], entry["next_port"], entry["try"])
 
     def cluster_backend(self, name: str) -> ClusterSessions:
         """The backend of cluster ``name`` (the poller follows, reconciles and cancels its jobs through it)."""

@@ -101,6 +101,8 @@ sessions = Table(
     Column("exit_code", Integer),
     Column("error", Text),  # why it failed
     Column("end_reason", Text),  # why it ended (DELETE, exit, ...)
+    # starts again on another port because the chosen one was taken first: [{try, port, next_port, at}]
+    Column("port_retries", JSON),
     *(Column(f"{s.value}_at", UTCDateTime) for s in SessionState),
     Column("updated_at", UTCDateTime, nullable=False),
 )
@@ -143,6 +145,7 @@ class SessionRecord:
     exit_code: int | None
     error: str | None
     end_reason: str | None
+    port_retries: list[dict[str, Any]] | None
     submitted_at: dt.datetime | None
     queued_at: dt.datetime | None
     starting_at: dt.datetime | None
@@ -416,6 +419,22 @@ class Store:
             with self.engine.begin() as conn:
                 conn.execute(sessions.delete().where(sessions.c.id.in_(ids),
                                                      sessions.c.state.in_([s.value for s in FINAL_STATES])))
+
+    def move_port(self, session_id: str, host: str, port: int, **fields: Any) -> None:
+        """Hold ``host:port`` instead of the session's current one (and set ``fields``) in one update.
+
+        Raises :class:`PortTaken` when another active session holds it: the unique index decides,
+        as it does for :meth:`create`.
+        """
+        if "state" in fields:
+            raise ValueError("use transition() to change state")
+        stmt = update(sessions).where(sessions.c.id == session_id).values(
+            host=host, port=port, holds_port=True, **fields, updated_at=utcnow())
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(stmt)
+        except IntegrityError as exc:
+            raise PortTaken(f"{host}:{port}") from exc
 
     def update(self, session_id: str, **fields: Any) -> None:
         """Change non-state fields (pid, log path...)."""

@@ -9,6 +9,15 @@ into the job log, which the launcher's poller reads from the shared folder
 when nodes cannot reach the launcher, and (b) calls back
 ``POST <callback_url>/<session>/ready`` with a per-session token. When the app
 exits it writes the exit code to ``$PVW_JOB_DIR/exit_code``.
+
+A free port is only free until someone binds it: between our check and the
+app's bind any outgoing connection on the node may take it (the kernel hands
+out ephemeral ports from ``ip_local_port_range``). So ports are chosen outside
+that range when the cluster's ``port_range`` allows, and an app that exits
+before ready saying its address is in use is started again on another port, at
+most ``PORT_TRIES`` times; each retry is a line in the job log and a marker
+``PVW-HPC-RETRY <session> <try> <old port> <new port> <unix time>`` the poller
+records (the callback carries the same list).
 """
 
 import json
@@ -22,6 +31,13 @@ import threading
 import time
 
 MARKER = "PVW-HPC-READY"
+RETRY_MARKER = "PVW-HPC-RETRY"
+PORT_TRIES = 4  # starts of the app in all: the first and up to three on other ports
+EPHEMERAL = "/proc/sys/net/ipv4/ip_local_port_range"
+IN_USE_WORDS = (b"address already in use", b"eaddrinuse", b"errno 98")  # what apps print when bind fails
+# a test hook (set through the cluster's resources.environment): hold the first chosen port, as a
+# connection taking it between our check and the app's bind would
+OCCUPY_HOOK = "PVW_HPC_TEST_OCCUPY_FIRST_PORT"
 SENTINELS = ("@@pvw-host@@", "@@pvw-port@@", "@@pvw-secret@@", "@@pvw-secret-file@@")
 
 
@@ -46,24 +62,58 @@ def node_address(mode, callback_url):
         return "127.0.0.1"
 
 
-def free_port(port_range):
-    """A port of ``port_range`` free on every interface of this node now (the app binds it a moment later).
+def ephemeral_range(path=EPHEMERAL):
+    """This node's ephemeral port range (lo, hi), or None when it cannot be read."""
+    try:
+        with open(path) as fh:
+            lo, hi = (int(v) for v in fh.read().split()[:2])
+        return lo, hi
+    except (OSError, ValueError):
+        return None
 
-    The launcher accepts routes only inside the cluster's port_range, so the port comes from it:
-    tried in order from a random start (two sessions starting together rarely try the same one).
+
+def port_order(port_range, ephemeral, avoid=()):
+    """The ports of ``port_range`` to try, outside the ephemeral range first, from a random start.
+
+    A random start: two sessions starting together rarely try the same port. Ports inside the
+    ephemeral range come last, so a range that overlaps it still works, just with more races.
     """
     lo, hi = port_range
     span = hi - lo + 1
     start = int.from_bytes(os.urandom(4), "big") % span
-    for i in range(min(span, 4096)):
-        port = lo + (start + i) % span
+    ports = [lo + (start + i) % span for i in range(span)]
+    if ephemeral:
+        ports.sort(key=lambda p: ephemeral[0] <= p <= ephemeral[1])  # stable: keeps the random order
+    return [p for p in ports if p not in avoid]
+
+
+def free_port(port_range, ephemeral=None, avoid=()):
+    """A port of ``port_range`` free on every interface of this node now (the app binds it a moment later).
+
+    The launcher accepts routes only inside the cluster's port_range, so the port comes from it.
+    """
+    for port in port_order(port_range, ephemeral, avoid)[:4096]:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind(("", port))
             except OSError:
                 continue
             return port
-    raise OSError("no free port in %d-%d on this node" % (lo, hi))
+    raise OSError("no free port in %d-%d on this node" % tuple(port_range))
+
+
+def said_in_use(output):
+    """True when the app's output says its listening address was taken."""
+    lowered = output.lower()
+    return any(word in lowered for word in IN_USE_WORDS)
+
+
+def occupy(port):
+    """The test hook: a listening socket on ``port``, held until the job ends."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("", port))
+    sock.listen(1)
+    return sock
 
 
 def read_own(path, limit=1 << 20):
@@ -96,10 +146,13 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 
-def call_back(url, token, host, port):
+def call_back(url, token, host, port, retries=()):
     """Tell the launcher where we are; failures are fine, the marker line is the fallback."""
     import urllib.request  # ~30 ms to import: only once the app is up
-    body = json.dumps({"host": host, "port": port}).encode()
+    body = {"host": host, "port": port}
+    if retries:
+        body["port_retries"] = list(retries)
+    body = json.dumps(body).encode()
     for attempt in range(3):
         request = urllib.request.Request(url, data=body, method="POST", headers={
             "Content-Type": "application/json", "Authorization": "Bearer " + token})
@@ -144,6 +197,12 @@ def watch_idle(proc, port, limit_s, job_dir, out, write_lock):
             return
 
 
+def log_line(out, write_lock, text):
+    with write_lock:
+        out.write(("pvw-hpc: %s\n" % text).encode())
+        out.flush()
+
+
 def main():
     job_dir = os.environ["PVW_JOB_DIR"]
     spec = json.loads(read_own(os.path.join(job_dir, "spec.json")))
@@ -154,29 +213,61 @@ def main():
         os.unlink(os.path.join(job_dir, "exit_code"))
     except OSError:
         pass
+    out, write_lock = sys.stdout.buffer, threading.Lock()
     host = node_address(spec["node_address"], spec.get("callback_url"))
-    try:
-        port = spec.get("port") or free_port(spec.get("port_range") or (20000, 32767))
-    except OSError as exc:
-        sys.stdout.write("pvw-hpc: %s\n" % exc)
-        sys.stdout.flush()
-        write_atomic(os.path.join(job_dir, "exit_code"), "1\n")
-        return 1
+    port_range = spec.get("port_range") or (20000, 32767)
+    ephemeral = None if spec.get("port") else ephemeral_range()
+    if ephemeral and port_range[0] <= ephemeral[1] and ephemeral[0] <= port_range[1]:
+        log_line(out, write_lock, "warning: the cluster's port_range %d-%d overlaps this node's ephemeral ports "
+                 "%d-%d (%s): outgoing connections may take a chosen port first" % (tuple(port_range) + ephemeral
+                                                                                  + (EPHEMERAL,)))
+    held = []  # the test hook's sockets, kept open until the job ends
+    tried, retries = [], []
+    for attempt in range(1, PORT_TRIES + 1):
+        try:
+            port = spec.get("port") or free_port(port_range, ephemeral, avoid=tried)
+        except OSError as exc:
+            log_line(out, write_lock, str(exc))
+            write_atomic(os.path.join(job_dir, "exit_code"), "1\n")
+            return 1
+        if tried:
+            log_line(out, write_lock, "\nport %d was taken before the app could bind it (address already in use): "
+                     "starting it again on port %d (try %d of %d)" % (tried[-1], port, attempt, PORT_TRIES))
+            now = time.time()
+            retries.append({"try": attempt, "port": tried[-1], "next_port": port, "at": now})
+            with write_lock:
+                out.write(("%s %s %d %d %d %.3f\n" % (RETRY_MARKER, spec["session_id"], attempt, tried[-1], port,
+                                                       now)).encode())
+                out.flush()
+        tried.append(port)
+        if attempt == 1 and os.environ.get(OCCUPY_HOOK):
+            held.append(occupy(port))
+        code, ready, in_use = run_app(spec, job_dir, host, port, secret, secret_file, token, out, write_lock,
+                                      retries)
+        if code is None:  # it could not be started at all
+            write_atomic(os.path.join(job_dir, "exit_code"), "127\n")
+            return 127
+        if ready or not in_use or spec.get("port") or attempt == PORT_TRIES:
+            break
+    code = 128 - code if code < 0 else code  # killed by signal N -> 128 + N, as the shell reports it
+    write_atomic(os.path.join(job_dir, "exit_code"), "%d\n" % code)
+    return code
+
+
+def run_app(spec, job_dir, host, port, secret, secret_file, token, out, write_lock, retries):
+    """Run the app once on ``port``: (exit code or None if it did not start, was it ready, did it say in use)."""
     values = (host, str(port), secret, secret_file)
     argv = [fill(part, values) for part in spec["argv"]]
     env = dict(os.environ)
+    env.pop(OCCUPY_HOOK, None)
     env.update({key: fill(value, values) for key, value in spec.get("env", {}).items()})
-    out = sys.stdout.buffer
-    out.write(("pvw-hpc: session %s: starting %s on %s:%d\n" % (spec["session_id"], argv[0], host, port)).encode())
-    out.flush()
+    log_line(out, write_lock, "session %s: starting %s on %s:%d" % (spec["session_id"], argv[0], host, port))
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env=env, cwd=spec.get("cwd") or None)
     except OSError as exc:
-        out.write(("pvw-hpc: cannot start %s: %s\n" % (argv[0], exc)).encode())
-        out.flush()
-        write_atomic(os.path.join(job_dir, "exit_code"), "127\n")
-        return 127
+        log_line(out, write_lock, "cannot start %s: %s" % (argv[0], exc))
+        return None, False, False
 
     # load the HTTP client while the app starts, so the callback does not wait for the import
     threading.Thread(target=__import__, args=("urllib.request",), daemon=True).start()
@@ -189,7 +280,6 @@ def main():
         signal.signal(sig, forward)
 
     announced = threading.Event()
-    write_lock = threading.Lock()
 
     def announce():
         if announced.is_set():
@@ -200,7 +290,7 @@ def main():
             out.flush()
         if spec.get("callback_url"):
             url = "%s/%s/ready" % (spec["callback_url"], spec["session_id"])
-            threading.Thread(target=call_back, args=(url, token, host, port), daemon=True).start()
+            threading.Thread(target=call_back, args=(url, token, host, port, retries), daemon=True).start()
         if spec.get("idle_timeout_s"):
             threading.Thread(target=watch_idle, daemon=True,
                              args=(proc, port, spec["idle_timeout_s"], job_dir, out, write_lock)).start()
@@ -218,6 +308,7 @@ def main():
         threading.Thread(target=probe, daemon=True).start()
 
     tail = b""
+    early = b""  # what the app printed before it was ready (bounded): does it say its port was taken?
     stream = proc.stdout.fileno()
     while True:
         try:
@@ -229,6 +320,8 @@ def main():
         with write_lock:
             out.write(chunk)
             out.flush()
+        if not announced.is_set():
+            early = (early + chunk)[-65536:]
         if needle is not None and not announced.is_set():
             window = tail + chunk
             if needle in window:
@@ -236,9 +329,8 @@ def main():
             else:
                 tail = window[-(len(needle) - 1):] if len(needle) > 1 else b""
     code = proc.wait()
-    code = 128 - code if code < 0 else code  # killed by signal N -> 128 + N, as the shell reports it
-    write_atomic(os.path.join(job_dir, "exit_code"), "%d\n" % code)
-    return code
+    ready = announced.is_set()
+    return code, ready, not ready and said_in_use(early)
 
 
 if __name__ == "__main__":

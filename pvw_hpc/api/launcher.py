@@ -84,6 +84,7 @@ def make_blueprint(endpoint: str) -> Blueprint:
             body = {}
         auth = request.headers.get("Authorization", "")
         token = auth[7:] if auth.startswith("Bearer ") else body.get("token")
-        return session_view(current_service().mark_ready(session_id, token, body.get("host"), body.get("port")))
+        return session_view(current_service().mark_ready(session_id, token, body.get("host"), body.get("port"),
+                                                         body.get("port_retries")))
 
     return bp

@@ -319,6 +319,14 @@ def _schemas(config: LauncherConfig) -> dict[str, Any]:
             "scheduler_state": nullable_str,
             "scheduler_reason": nullable_str,
             "start_estimate": {"type": ["string", "null"], "format": "date-time"},
+            "port_retries": {
+                "type": "array", "maxItems": 4,
+                "description": "present when the app was started again because its port was taken before it "
+                               "could bind it: each retry's try number, the taken port, the next one, when",
+                "items": {"type": "object", "required": ["try", "port", "next_port", "at"], "properties": {
+                    "try": {"type": "integer", "minimum": 2}, "port": {"type": "integer"},
+                    "next_port": {"type": "integer"}, "at": {"type": "string", "format": "date-time"}}},
+            },
         },
         "additionalProperties": True,
     }
@@ -372,6 +380,13 @@ def _schemas(config: LauncherConfig) -> dict[str, Any]:
                          "description": "a DNS name or an IPv4/IPv6 literal (it goes into the map file)"},
                 "port": {"type": "integer", "minimum": 1, "maximum": 65535},
                 "token": {"type": "string", "description": "the job token, when it is not in the Authorization header"},
+                "port_retries": {
+                    "type": "array", "description": "the job side's retries on other ports before this one "
+                                                    "(entries that are not valid are ignored)",
+                    "items": {"type": "object", "properties": {
+                        "try": {"type": "integer"}, "port": {"type": "integer"}, "next_port": {"type": "integer"},
+                        "at": {"type": "number", "description": "Unix time on the node"}}},
+                },
             },
         },
         "Health": {

@@ -50,6 +50,8 @@ def session_view(record: SessionRecord) -> dict[str, Any]:
         view["exit_code"] = record.exit_code
     if record.end_reason:
         view["reason"] = record.end_reason
+    if record.port_retries:  # the app was started again because its port was taken first
+        view["port_retries"] = record.port_retries
     return view
 
 
