@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,21 @@ class Slurm(Backend):
         _run(["scancel", job_id]).check_returncode()
 
 
+class Pyslurm(Slurm):
+    """The same local SLURM reached through pyslurm in the launcher's process; watched and cancelled with the CLI."""
+
+    def _why_not(self) -> str | None:
+        reason = super()._why_not()
+        if reason:
+            return reason
+        # in a child: where slurm.conf cannot be read, libslurm ends the importing process
+        probe = _run([sys.executable, "-c", "import pyslurm; pyslurm.Jobs.load()"])
+        if probe.returncode != 0:
+            said = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+            return f"pyslurm does not load the local SLURM's jobs (scripts/install-pyslurm): {said}"
+        return None
+
+
 class Pbs(Backend):
     """Slurm's Torque wrappers: real qsub/qstat/qdel programs in the Torque dialect."""
 
@@ -145,6 +161,11 @@ BACKENDS: dict[str, Backend] = {
                              "defaults": {"partition": "debug", "time": "00:10:00", "cpus": 1}},
                    python="${python_exec}", held_words="JobHeldUser",
                    held_resources={"extra_directives": ["--hold"]}),
+    # the same cluster through pyslurm: same template, same --hold, same JobHeldUser
+    "pyslurm": Pyslurm("pyslurm", {"scheduler": "slurm", "access": "pyslurm", "poll_fast_s": 0.5, "poll_slow_s": 2,
+                                   "defaults": {"partition": "debug", "time": "00:10:00", "cpus": 1}},
+                       python="${python_exec}", held_words="JobHeldUser",
+                       held_resources={"extra_directives": ["--hold"]}),
     "pbs": Pbs("pbs", {"scheduler": "pbs", "flavor": "torque", "poll_fast_s": 0.5, "poll_slow_s": 2,
                        "defaults": {"time": "00:10:00", "cpus": 1}},
                python="${python_exec}", held_words="queued", held_resources={"extra_directives": ["-h"]}),
