@@ -76,7 +76,8 @@ _PROBE = ("import sys, pyslurm; v = tuple(pyslurm.slurm_api_version()); print(py
           f"sys.exit(0 if v[:2] == {API_VERSION!r} else 3)")
 
 # libslurm keeps per-process state (its config, errno): one pyslurm call at a time, from any adapter or thread
-_LIBSLURM = threading.Lock()
+# (re-entrant: the adapter's methods hold it while load_pyslurm takes it again)
+_LIBSLURM = threading.RLock()
 _loaded: Any = None
 _load_failed: tuple[float, str] | None = None
 
@@ -84,9 +85,14 @@ _load_failed: tuple[float, str] | None = None
 def load_pyslurm(timeout_s: float) -> Any:
     """``pyslurm``, imported once per process after a child process survived the same import.
 
-    Called with ``_LIBSLURM`` held. A failure is a :class:`BatchError` saying why (not installed,
-    built for another Slurm, slurm.conf unreadable) and is remembered for ``LOAD_RETRY_S``.
+    A failure is a :class:`BatchError` saying why (not installed, built for another Slurm,
+    slurm.conf unreadable) and is remembered for ``LOAD_RETRY_S``.
     """
+    with _LIBSLURM:
+        return _load(timeout_s)
+
+
+def _load(timeout_s: float) -> Any:
     global _loaded, _load_failed
     if _loaded is not None:
         return _loaded
@@ -120,7 +126,7 @@ def _import_check(timeout_s: float) -> str | None:
     if done.returncode == 3:
         return f"pyslurm {done.stdout.strip()} is built for another Slurm; this adapter needs pyslurm 22.5 (Slurm 22.05)"
     if done.returncode != 0:
-        said = "; ".join(done.stderr.strip().splitlines()[-3:]) or "no output"
+        said = "; ".join(line.strip() for line in done.stderr.strip().splitlines()[-3:]) or "no output"
         return f"import pyslurm failed (exit {done.returncode}): {said}"
     return None
 
@@ -318,7 +324,7 @@ class SlurmPyslurmAdapter(SchedulerTraits):
         return cls(import_timeout_s=cluster.command_timeout_s)
 
     def _pyslurm(self) -> Any:
-        """The module (called with ``_LIBSLURM`` held); :class:`BatchError` when it cannot be used."""
+        """The module; :class:`BatchError` when it cannot be used."""
         if self.bindings is None:
             self.bindings = load_pyslurm(self.import_timeout_s)
         return self.bindings
