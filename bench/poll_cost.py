@@ -1,4 +1,5 @@
-"""Poll cost: scheduler calls and launcher CPU per poll cycle with 1, 100 and 1000 tracked SLURM jobs.
+"""Poll cost: scheduler calls and launcher CPU per poll cycle with 1, 100 and 1000 tracked SLURM jobs,
+through the command-line tools (``"access": "cli"``) and through pyslurm (``"access": "pyslurm"``).
 
 Why this exists: the poller follows every batch session until it ends, so its
 cost grows with the number of sessions a launcher tracks. A site with many
@@ -10,27 +11,38 @@ N, and <= 20 ms launcher CPU per cycle at 1000 tracked jobs".
 How: a real :class:`pvw_hpc.service.Service` is built in this process on a
 temp config with one SLURM cluster (its SQLite store on disk, as ``serve``
 uses; the map writer and local monitor threads are not started, so the
-process's CPU time is the poller's). Real held SLURM jobs are submitted
-(``sbatch -H --wrap 'sleep 1'``: they never run, so they stay queued and need
-no CPUs), and one session row per job is written the way
-``Service._launch_batch`` writes it (create, job id, QUEUED), so the poller
-tracks them exactly as it would live launches. For each N the bench grows the
+process's CPU time is the poller's), one such service per access mode
+(``--access cli|pyslurm|both``, both by default) following the same jobs.
+Real held SLURM jobs are submitted (``sbatch -H --wrap 'sleep 1'``: they
+never run, so they stay queued and need no CPUs), and one session row per
+job is written the way ``Service._launch_batch`` writes it (create, job id,
+QUEUED), so the poller tracks them exactly as it would live launches. For each N the bench grows the
 set to N sessions, runs one warm-up cycle (it records every new job's
 scheduler state and reason: one write per new row, a one-off reported apart)
 and then ``--cycles`` measured :meth:`Poller.tick` calls, each timed for:
 
 * scheduler calls: calls of the cluster adapter's command runner, by command;
+  for pyslurm, calls of the pyslurm functions the adapter calls (``Jobs.load``,
+  ``Job.load``, ``Job.cancel``, ``JobSubmitDescription.submit``), each one
+  libslurm RPC, counted by handing the adapter a wrapper of the module;
 * subprocesses: every process any code in this process started during the
   cycle (``subprocess.Popen`` is counted while the cycle runs), which also
   catches retries and anything outside the runner;
 * launcher CPU: ``time.process_time()`` around the tick (this process only,
-  all threads; the child ``squeue``'s CPU is not in it);
+  all threads; the child ``squeue``'s CPU is not in it, pyslurm's client side is);
 * scheduler time: wall time spent inside the runner (``squeue`` itself and the
-  controller answering it), and the children's CPU from ``getrusage(RUSAGE_CHILDREN)``;
+  controller answering it) or inside the pyslurm calls, and the children's CPU
+  from ``getrusage(RUSAGE_CHILDREN)`` (none for pyslurm);
 * wall time of the whole cycle.
 
-Medians over the measured cycles are reported. ``--profile`` also runs
-cProfile around one more cycle at the largest N and prints where its time goes.
+Each table also says how many jobs slurmctld held (every user's, and finished
+ones for MinJobAge, so a run right after another holds that one's too): one
+``Jobs.load()`` carries all of them into the launcher, whatever N is, and a
+``squeue -j`` of many ids loads them all too, in its own process.
+
+Medians over the measured cycles are reported, one table per access mode, then
+both side by side. ``--profile`` also runs cProfile around one more cycle at the
+largest N and prints where its time goes.
 
 The numbers are reported, not asserted: exit code 0 whether or not a target is
 met, 1 when something broke, 130 when interrupted (Ctrl-C, SIGTERM, SIGHUP).
@@ -42,7 +54,8 @@ batches of ids -- on success, error and Ctrl-C alike. The temp dir is removed.
 
 Usage::
 
-    .venv/bin/python bench/poll_cost.py [--sizes 1,100,1000] [--cycles 5] [--profile] [--json]
+    .venv/bin/python bench/poll_cost.py [--sizes 1,100,1000] [--cycles 5] [--access cli|pyslurm|both]
+                                        [--profile] [--json]
 """
 
 from __future__ import annotations
@@ -72,7 +85,9 @@ from pathlib import Path
 from typing import Any
 
 from pvw_hpc import jobs
+from pvw_hpc.batch.base import BatchError
 from pvw_hpc.batch.runner import CommandRunner, Result
+from pvw_hpc.batch.slurm_pyslurm.adapter import SlurmPyslurmAdapter, load_pyslurm
 from pvw_hpc.config import load_dict
 from pvw_hpc.poller import Poller
 from pvw_hpc.service import Service
@@ -93,7 +108,8 @@ from _common import (  # noqa: E402
     scancel_batches,
 )
 
-CLUSTER = "bench-slurm"
+CLUSTERS = {"cli": "bench-slurm", "pyslurm": "bench-pyslurm"}  # access mode -> its cluster's name
+ACCESS_MODES = tuple(CLUSTERS)
 PARTITION = "debug"
 DEFAULT_SIZES = (1, 100, 1000)
 TARGET_CALLS = 1
@@ -162,26 +178,23 @@ class HeldJobs:
 
 
 @dataclass
-class CycleMeter:
-    """Counts scheduler calls (through the runner) and every subprocess started during a cycle."""
+class Meter:
+    """Counts scheduler calls (how: the subclass) and every subprocess started during a cycle."""
 
-    runner: CommandRunner
     calls: Counter[str] = field(default_factory=Counter)
     scheduler_s: float = 0.0
     spawned: int = 0
 
-    def install(self) -> None:
-        original = self.runner.run
-
-        def counted_run(argv: Sequence[str], **kwargs: Any) -> Result:
-            self.calls[os.path.basename(argv[0])] += 1
+    def timed(self, name: str, call: Any) -> Any:
+        """``call`` counted under ``name``, its wall time added to ``scheduler_s``."""
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] += 1
             started = time.perf_counter()
             try:
-                return original(argv, **kwargs)
+                return call(*args, **kwargs)
             finally:
                 self.scheduler_s += time.perf_counter() - started
-
-        self.runner.run = counted_run  # type: ignore[method-assign]
+        return counted
 
     def reset(self) -> None:
         self.calls.clear()
@@ -207,6 +220,70 @@ class CycleMeter:
 
 
 @dataclass
+class CycleMeter(Meter):
+    """The command-line path: every command the adapter's runner runs is one scheduler call."""
+
+    runner: CommandRunner = field(default_factory=CommandRunner)
+
+    def install(self) -> None:
+        original = self.runner.run
+
+        def counted_run(argv: Sequence[str], **kwargs: Any) -> Result:
+            return self.timed(os.path.basename(argv[0]), original)(argv, **kwargs)  # type: ignore[no-any-return]
+
+        self.runner.run = counted_run  # type: ignore[method-assign]
+
+
+class CountedPyslurm:
+    """The pyslurm module as the adapter sees it, every function it calls counted (each is one libslurm RPC).
+
+    pyslurm's classes are Cython extension types whose attributes cannot be replaced, so the
+    adapter is handed this stand-in for the module instead; anything else is the real module's.
+    """
+
+    def __init__(self, module: Any, meter: Meter) -> None:
+        self._module = module
+        self.RPCError = module.RPCError
+        self.Jobs = _Namespace(load=meter.timed("Jobs.load", module.Jobs.load))
+        cancel = meter.timed("Job.cancel", lambda job_id: module.Job(job_id).cancel())
+        self.Job = _CountedJob(meter.timed("Job.load", module.Job.load), cancel)
+        submit = meter.timed("JobSubmitDescription.submit", lambda fields: module.JobSubmitDescription(**fields).submit())
+        self.JobSubmitDescription = lambda **fields: _Namespace(submit=lambda: submit(fields))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+class _Namespace:
+    def __init__(self, **attributes: Any) -> None:
+        self.__dict__.update(attributes)
+
+
+class _CountedJob:
+    """``pyslurm.Job``: ``Job.load(id)`` and ``Job(id).cancel()``, counted."""
+
+    def __init__(self, load: Any, cancel: Any) -> None:
+        self.load, self._cancel = load, cancel
+
+    def __call__(self, job_id: int) -> _Namespace:
+        return _Namespace(cancel=lambda: self._cancel(job_id))
+
+
+@dataclass
+class PyslurmMeter(Meter):
+    """The pyslurm path: every call of a pyslurm function the adapter makes is one scheduler call."""
+
+    adapter: SlurmPyslurmAdapter = field(default_factory=SlurmPyslurmAdapter)
+
+    def install(self) -> None:
+        try:
+            module = load_pyslurm(30.0)  # the import check's child process runs here, before any cycle
+        except BatchError as exc:
+            raise BenchError(f"pyslurm cannot be used here: {exc}") from None
+        self.adapter.bindings = CountedPyslurm(module, self)
+
+
+@dataclass
 class Cycle:
     """What one poll cycle cost."""
 
@@ -222,7 +299,7 @@ class Cycle:
         return sum(self.calls.values())
 
 
-def measure_tick(poller: Poller, meter: CycleMeter) -> Cycle:
+def measure_tick(poller: Poller, meter: Meter) -> Cycle:
     """Run one :meth:`Poller.tick` and meter it."""
     meter.reset()
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -231,8 +308,8 @@ def measure_tick(poller: Poller, meter: CycleMeter) -> Cycle:
         poller.tick()
         cpu1, wall1 = time.process_time(), time.perf_counter()
     children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    child_cpu = (children_after.ru_utime + children_after.ru_stime
-                 - children_before.ru_utime - children_before.ru_stime)
+    child_cpu = max(0.0, children_after.ru_utime + children_after.ru_stime  # no -0.00 from float sums
+                    - children_before.ru_utime - children_before.ru_stime)
     return Cycle(calls=dict(meter.calls), subprocesses=meter.spawned, cpu_ms=(cpu1 - cpu0) * 1000,
                  wall_ms=(wall1 - wall0) * 1000, scheduler_ms=meter.scheduler_s * 1000,
                  scheduler_cpu_ms=child_cpu * 1000)
@@ -241,18 +318,19 @@ def measure_tick(poller: Poller, meter: CycleMeter) -> Cycle:
 # -- the launcher side -----------------------------------------------------------------------
 
 
-def build_service(root: Path) -> Service:
-    """A Service on a temp config with one SLURM cluster and the demo app on it (threads not started)."""
+def build_service(root: Path, access: str) -> Service:
+    """A Service on a temp config with one SLURM cluster of ``access`` and the demo app on it (threads not started)."""
+    cluster = CLUSTERS[access]
     raw = {
         "configuration": configuration_section(root, 0, 30),
         "resources": [],
         "properties": demo_properties(),
         "clusters": {
-            CLUSTER: {"scheduler": "slurm", "access": "cli", "job_dir": str(root / "jobs"),
+            cluster: {"scheduler": "slurm", "access": access, "job_dir": str(root / "jobs"),
                       "callback_url": "http://127.0.0.1:9/paraview", "allow_loopback": True,
                       "defaults": {"partition": PARTITION, "time": "00:10:00", "cpus": 1}},
         },
-        "apps": {"demo": batch_demo_app(CLUSTER)},
+        "apps": {"demo": batch_demo_app(cluster)},
     }
     return Service(load_dict(raw, source="bench/poll_cost.py"))
 
@@ -264,13 +342,13 @@ def _sha256(text: str) -> str:
 def track(service: Service, job_ids: Sequence[str]) -> None:
     """One QUEUED session row per job, written as ``Service._launch_batch`` writes it."""
     app = service.config.apps["demo"]
-    cluster = service.config.clusters[CLUSTER]
+    (cluster,) = service.config.clusters.values()
     for job_id in job_ids:
         session_id = str(uuid.uuid4())
         rendered = render(service.config, app, {}, {"id": session_id, **jobs.SENTINELS})
         files = jobs.job_files(cluster, session_id)
         service.store.create(
-            id=session_id, application=app.name, backend=CLUSTER, holds_port=False, secret=secrets.token_hex(16),
+            id=session_id, application=app.name, backend=cluster.name, holds_port=False, secret=secrets.token_hex(16),
             argv=list(rendered.argv), session_url=rendered.session_url, public={}, return_secret=True,
             log_path=str(files.log), job_dir=str(files.dir), token_hash=_sha256(secrets.token_urlsafe(32)),
             attach_hash=_sha256(secrets.token_urlsafe(24)),
@@ -318,12 +396,20 @@ def summarize(n: int, first: Cycle, cycles: Sequence[Cycle]) -> dict[str, Any]:
     }
 
 
-def report(rows: list[dict[str, Any]], submit_s: float, jobs_submitted: int, cycles: int) -> dict[str, Any]:
-    """Print the table and the verdicts; return the JSON summary."""
+def controller_jobs() -> int | None:
+    """How many jobs slurmctld holds (every user's, finished ones for MinJobAge): what one Jobs.load() carries."""
+    done = run_quiet(["squeue", "-h", "-t", "all", "-o", "%i"])
+    return len(done.stdout.split()) if done.returncode == 0 else None
+
+
+def report(rows: list[dict[str, Any]], submit_s: float, jobs_submitted: int, cycles: int,
+           access: str = "cli") -> dict[str, Any]:
+    """Print one access mode's table and its verdicts; return its JSON summary."""
     calls_ok = all(r["max_calls_per_cycle"] == TARGET_CALLS for r in rows)
     at_target = [r for r in rows if r["n"] == TARGET_CPU_AT]
     cpu_ok = at_target[0]["cpu_ms"] <= TARGET_CPU_MS if at_target else None
-    print(f"poll cost: {cycles} measured cycles per N (after 1 warm-up cycle), held SLURM jobs, "
+    title = "poll cost" if access == "cli" else f"poll cost, access {access}"
+    print(f"{title}: {cycles} measured cycles per N (after 1 warm-up cycle), held SLURM jobs, "
           f"partition {PARTITION}; {jobs_submitted} jobs submitted in {submit_s:.1f} s")
     print(f"{'N':>6}{'calls':>7}{'procs':>7}{'CPU ms':>9}{'max CPU':>9}{'wall ms':>9}{'sched ms':>10}"
           f"{'sched CPU':>11}   first cycle: calls / CPU ms / wall ms")
@@ -332,20 +418,42 @@ def report(rows: list[dict[str, Any]], submit_s: float, jobs_submitted: int, cyc
         print(f"{r['n']:>6}{r['calls_per_cycle']:>7g}{r['subprocesses_per_cycle']:>7g}{r['cpu_ms']:>9.2f}"
               f"{r['max_cpu_ms']:>9.2f}{r['wall_ms']:>9.2f}{r['scheduler_ms']:>10.2f}{r['scheduler_cpu_ms']:>11.2f}"
               f"   {f['calls']} / {f['cpu_ms']:.2f} / {f['wall_ms']:.2f}")
-    print("  calls: scheduler commands run through the adapter's runner per cycle (median); procs: every "
-          "subprocess started")
-    print("  CPU: launcher process CPU (process_time) per cycle; sched ms / sched CPU: wall and CPU of the "
-          "scheduler commands (not in CPU)")
+    if access == "cli":
+        print("  calls: scheduler commands run through the adapter's runner per cycle (median); procs: every "
+              "subprocess started")
+        print("  CPU: launcher process CPU (process_time) per cycle; sched ms / sched CPU: wall and CPU of the "
+              "scheduler commands (not in CPU)")
+        print_calls = "commands"
+    else:
+        print("  calls: pyslurm calls (each one libslurm RPC) per cycle (median); procs: every subprocess started")
+        print("  CPU: launcher process CPU (process_time) per cycle, pyslurm's client side included; sched ms: wall "
+              "time inside pyslurm (in CPU); sched CPU: child processes (none)")
+        print_calls = "pyslurm calls"
     for r in rows:
-        print(f"  N={r['n']}: commands over the measured cycles: {r['calls_by_command']}")
+        print(f"  N={r['n']}: {print_calls} over the measured cycles: {r['calls_by_command']}"
+              f"; slurmctld held {r['controller_jobs']} jobs")
     print(f"target {TARGET_CALLS} scheduler call per cycle at every N: {'met' if calls_ok else 'NOT met'}")
     if cpu_ok is None:
         print(f"target <= {TARGET_CPU_MS:.0f} ms CPU per cycle at N={TARGET_CPU_AT}: not measured (N not in --sizes)")
     else:
         print(f"target <= {TARGET_CPU_MS:.0f} ms CPU per cycle at N={TARGET_CPU_AT}: "
               f"{'met' if cpu_ok else 'NOT met'} ({at_target[0]['cpu_ms']:.2f} ms)")
-    return {"sizes": rows, "submit_s": round(submit_s, 2), "target_calls": TARGET_CALLS,
+    return {"access": access, "sizes": rows, "submit_s": round(submit_s, 2), "target_calls": TARGET_CALLS,
             "target_cpu_ms": TARGET_CPU_MS, "calls_target_met": calls_ok, "cpu_target_met": cpu_ok}
+
+
+def side_by_side(results: dict[str, list[dict[str, Any]]]) -> None:
+    """Both access modes' medians per cycle in one table, by N."""
+    cli, native = results["cli"], results["pyslurm"]
+    print("\nside by side, median per cycle: cli runs squeue in a child (its CPU in +squeue, not in CPU); "
+          "pyslurm calls libslurm in this process (in CPU)")
+    print(f"{'':>6} | {'cli':<39}| pyslurm")
+    print(f"{'N':>6} |{'calls':>6}{'procs':>6}{'CPU ms':>8}{'+squeue':>9}{'wall ms':>9} |"
+          f"{'calls':>6}{'procs':>6}{'CPU ms':>8}{'wall ms':>9}")
+    for c, p in zip(cli, native, strict=True):
+        print(f"{c['n']:>6} |{c['calls_per_cycle']:>6g}{c['subprocesses_per_cycle']:>6g}{c['cpu_ms']:>8.2f}"
+              f"{c['scheduler_cpu_ms']:>9.2f}{c['wall_ms']:>9.2f} |{p['calls_per_cycle']:>6g}"
+              f"{p['subprocesses_per_cycle']:>6g}{p['cpu_ms']:>8.2f}{p['wall_ms']:>9.2f}")
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -366,6 +474,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sizes", type=parse_sizes, default=list(DEFAULT_SIZES),
                         help="numbers of tracked jobs to measure (default 1,100,1000)")
     parser.add_argument("--cycles", type=int, default=5, help="measured cycles per size (default 5)")
+    parser.add_argument("--access", choices=[*ACCESS_MODES, "both"], default="both",
+                        help="how the launcher reaches SLURM: its commands, pyslurm, or both one after the other "
+                             "(default both)")
     parser.add_argument("--profile", action="store_true", help="cProfile one more cycle at the largest size")
     parser.add_argument("--json", action="store_true", help="also print a JSON summary")
     args = parser.parse_args(argv)
@@ -380,42 +491,71 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Submit the held jobs, meter the poller at each size, print the report."""
+    """Submit the held jobs, meter the poller at each size for each access mode, print the report."""
     require_slurm(PARTITION)
+    accesses = list(ACCESS_MODES) if args.access == "both" else [args.access]
+    if args.access == "both":
+        try:
+            load_pyslurm(30.0)
+        except BatchError as exc:  # asked for by default: measure the command-line path alone
+            print(f"access pyslurm: not measured ({exc})")
+            accesses.remove("pyslurm")
     held = HeldJobs()
-    service: Service | None = None
+    services: list[Service] = []
     try:
         with cleaned_tempdir("pvw-hpc-bench-poll-", held.cancel_all,
                              ignore_during_cleanup=[signal.SIGINT, signal.SIGTERM, signal.SIGHUP]) as root:
             submit_s = held.submit(max(args.sizes))
             job_ids = sorted(held.ids, key=int)
-            service = build_service(root)
-            poller = Poller(service)
-            meter = CycleMeter(service.adapters[CLUSTER].runner)  # type: ignore[attr-defined]
-            meter.install()
-            rows = []
-            tracked = 0
-            for n in args.sizes:
-                track(service, job_ids[tracked:n])
-                tracked = n
-                first = measure_tick(poller, meter)
-                cycles = [measure_tick(poller, meter) for _ in range(args.cycles)]
-                states = Counter(r.state.value for r in service.store.active(backend=CLUSTER))
-                if states != Counter({SessionState.QUEUED.value: n}):
-                    raise BenchError(f"expected {n} queued sessions after the cycles, found {dict(states)}")
-                rows.append(summarize(n, first, cycles))
-            summary = report(rows, submit_s, len(held.ids), args.cycles)
-            if args.profile:
-                print(f"\ncProfile of one more cycle at N={args.sizes[-1]}:")
-                print(profile_tick(poller))
+            results: dict[str, list[dict[str, Any]]] = {}
+            summaries: dict[str, dict[str, Any]] = {}
+            for access in accesses:
+                if access != accesses[0]:
+                    print()
+                service = build_service(root / access, access)
+                services.append(service)
+                rows, poller = measure_access(service, access, job_ids, args)
+                results[access] = rows
+                summaries[access] = report(rows, submit_s, len(held.ids), args.cycles, access)
+                if args.profile:
+                    print(f"\ncProfile of one more cycle at N={args.sizes[-1]}, access {access}:")
+                    print(profile_tick(poller))
+            if len(results) == 2:
+                side_by_side(results)
             if args.json:
-                print(json.dumps(summary, indent=2))
-            service.close()
-            service = None
+                print(json.dumps(summaries if len(summaries) > 1 else summaries[accesses[0]], indent=2))
+            while services:  # before the temp dir (their SQLite files) goes
+                services.pop().close()
     finally:
-        if service is not None:
+        for service in services:
             with contextlib.suppress(Exception):
                 service.close()
+
+
+def measure_access(service: Service, access: str, job_ids: Sequence[str],
+                   args: argparse.Namespace) -> tuple[list[dict[str, Any]], Poller]:
+    """Grow the tracked set to each N and meter the poller's cycles; the rows and the poller."""
+    cluster = CLUSTERS[access]
+    adapter = service.adapters[cluster]
+    meter: Meter
+    if isinstance(adapter, SlurmPyslurmAdapter):
+        meter = PyslurmMeter(adapter=adapter)
+    else:
+        meter = CycleMeter(runner=adapter.runner)  # type: ignore[attr-defined]
+    meter.install()
+    poller = Poller(service)
+    rows = []
+    tracked = 0
+    for n in args.sizes:
+        track(service, job_ids[tracked:n])
+        tracked = n
+        first = measure_tick(poller, meter)
+        cycles = [measure_tick(poller, meter) for _ in range(args.cycles)]
+        states = Counter(r.state.value for r in service.store.active(backend=cluster))
+        if states != Counter({SessionState.QUEUED.value: n}):
+            raise BenchError(f"{access}: expected {n} queued sessions after the cycles, found {dict(states)}")
+        rows.append({**summarize(n, first, cycles), "controller_jobs": controller_jobs()})
+    return rows, poller
 
 
 if __name__ == "__main__":
