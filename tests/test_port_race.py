@@ -56,10 +56,10 @@ def _jobside() -> ModuleType:
 
 def test_the_job_side_tries_ports_outside_the_ephemeral_range_first() -> None:
     jobside = _jobside()
-    order = jobside.port_order((20000, 20099), (20050, 60999))
+    order = list(jobside.port_order((20000, 20099), (20050, 60999)))
     assert sorted(order) == list(range(20000, 20100))
     assert all(p < 20050 for p in order[:50]) and all(p >= 20050 for p in order[50:])
-    assert 20003 not in jobside.port_order((20000, 20009), None, avoid=[20003])
+    assert 20003 not in list(jobside.port_order((20000, 20009), None, avoid=[20003]))
 
 
 @pytest.mark.parametrize(("output", "in_use"), [

@@ -73,18 +73,25 @@ def ephemeral_range(path=EPHEMERAL):
 
 
 def port_order(port_range, ephemeral, avoid=()):
-    """The ports of ``port_range`` to try, outside the ephemeral range first, from a random start.
+    """The ports of ``port_range`` to try (lazily), those outside the ephemeral range first, each part from a
+    random start.
 
     A random start: two sessions starting together rarely try the same port. Ports inside the
     ephemeral range come last, so a range that overlaps it still works, just with more races.
+    Lazy, because the app waits for this: the first free port is usually the first one tried.
     """
     lo, hi = port_range
-    span = hi - lo + 1
-    start = int.from_bytes(os.urandom(4), "big") % span
-    ports = [lo + (start + i) % span for i in range(span)]
-    if ephemeral:
-        ports.sort(key=lambda p: ephemeral[0] <= p <= ephemeral[1])  # stable: keeps the random order
-    return [p for p in ports if p not in avoid]
+    parts = [(lo, hi)]
+    if ephemeral and lo <= ephemeral[1] and ephemeral[0] <= hi:
+        inside = (max(lo, ephemeral[0]), min(hi, ephemeral[1]))
+        parts = [part for part in ((lo, inside[0] - 1), (inside[1] + 1, hi)) if part[0] <= part[1]] + [inside]
+    for first, last in parts:
+        span = last - first + 1
+        start = int.from_bytes(os.urandom(4), "big") % span
+        for i in range(span):
+            port = first + (start + i) % span
+            if port not in avoid:
+                yield port
 
 
 def free_port(port_range, ephemeral=None, avoid=()):
@@ -92,7 +99,9 @@ def free_port(port_range, ephemeral=None, avoid=()):
 
     The launcher accepts routes only inside the cluster's port_range, so the port comes from it.
     """
-    for port in port_order(port_range, ephemeral, avoid)[:4096]:
+    for tried, port in enumerate(port_order(port_range, ephemeral, avoid)):
+        if tried == 4096:
+            break
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind(("", port))
