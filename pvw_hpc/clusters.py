@@ -206,6 +206,8 @@ def check_clusters(raw: Any, report_error: Report, warn: Report) -> dict[str, Cl
         if not isinstance(commands, dict) or not all(isinstance(v, str) for v in commands.values()):
             error(f"{path}.commands", "must map command names (sbatch, squeue, ...) to executables")
             commands = {}
+        elif commands and not adapter.takes_commands:
+            warn(f"{path}.commands", f"ignored: {scheduler} with access {access!r} runs no commands")
         settings = adapter.check_settings(c, path, error, warn)
         job_user = c.get("job_user")
         if job_user is not None and not is_valid_user(job_user):

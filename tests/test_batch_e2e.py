@@ -1,4 +1,4 @@
-"""One end-to-end suite for every batch scheduler: SLURM, PBS and HTCondor, each with real jobs.
+"""One end-to-end suite for every batch scheduler (SLURM by its commands and through pyslurm, PBS, HTCondor), each with real jobs.
 
 One ``pvw-hpc serve`` holds one cluster per scheduler at once (one poller
 serves them all, one batched query per cluster per cycle) and each test runs

@@ -23,7 +23,7 @@ from pvw_hpc.clusters import CLUSTER_KEYS, check_clusters
 
 INTERFACE = ("submit", "poll", "history", "find_named", "cancel", "from_cluster", "check_settings", "check_clusters")
 TRAITS = {"name": str, "scheduler": str, "access": str, "template": str, "submits_description": bool,
-          "takes_submit_prefix": bool, "takes_job_user": bool, "settings_keys": frozenset}
+          "takes_submit_prefix": bool, "takes_job_user": bool, "takes_commands": bool, "settings_keys": frozenset}
 # the document's ECMA-262 pattern read the way a JSON-schema validator reads it ('$' is the very end)
 OPENAPI_USER = re.compile(USER_PATTERN.replace("$", r"\Z"))
 JOBSCRIPTS = Path(__file__).resolve().parents[1] / "jobscripts"
@@ -46,6 +46,15 @@ def test_every_registered_adapter_has_the_interfaces_methods_and_signatures(cls:
 def test_each_scheduler_and_access_pair_is_registered_once() -> None:
     pairs = [(c.scheduler, c.access) for c in ADAPTERS]
     assert len(pairs) == len(set(pairs)) and all(adapter_class(*pair) for pair in pairs)
+
+
+def test_commands_on_a_cluster_that_runs_none_is_a_warning() -> None:
+    warnings: list[str] = []
+    raw = {"hpc": {"scheduler": "htcondor", "job_dir": "/srv/jobs", "commands": {"sbatch": "/opt/sbatch"}},
+           "cli": {"scheduler": "slurm", "job_dir": "/srv/j2", "commands": {"sbatch": "/opt/sbatch"}}}
+    clusters = check_clusters(raw, lambda *_: None, lambda path, message: warnings.append(f"{path}: {message}"))
+    assert sorted(clusters) == ["cli", "hpc"]
+    assert warnings == ["$.clusters.hpc.commands: ignored: htcondor with access 'bindings' runs no commands"]
 
 
 def test_a_key_of_another_scheduler_is_an_error_not_ignored() -> None:

@@ -119,6 +119,7 @@ class SchedulerTraits:
     submits_description: ClassVar[bool] = False  # a submit description (not a shell script): body.sh beside it
     takes_submit_prefix: ClassVar[bool] = False  # the launcher runs argv: a prefix can run it as the requester
     takes_job_user: ClassVar[bool] = False  # jobs run as the identity the adapter authenticates as
+    takes_commands: ClassVar[bool] = False  # it runs the scheduler's commands: ``commands`` may name them
     settings_keys: ClassVar[frozenset[str]] = frozenset()
 
     @staticmethod
@@ -141,6 +142,7 @@ class BatchAdapter(Protocol):
     submits_description: ClassVar[bool]
     takes_submit_prefix: ClassVar[bool]
     takes_job_user: ClassVar[bool]
+    takes_commands: ClassVar[bool]
     settings_keys: ClassVar[frozenset[str]]
 
     @staticmethod

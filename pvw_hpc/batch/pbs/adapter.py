@@ -241,6 +241,7 @@ class PbsAdapter(SchedulerTraits):
     access: ClassVar[str] = "cli"
     template: ClassVar[str] = "pbs.sh.j2"
     takes_submit_prefix: ClassVar[bool] = True
+    takes_commands: ClassVar[bool] = True
     settings_keys: ClassVar[frozenset[str]] = settings.KEYS
 
     @staticmethod

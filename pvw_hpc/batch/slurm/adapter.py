@@ -175,6 +175,7 @@ class SlurmAdapter(SchedulerTraits):
     access: ClassVar[str] = "cli"
     template: ClassVar[str] = "slurm.sh.j2"
     takes_submit_prefix: ClassVar[bool] = True
+    takes_commands: ClassVar[bool] = True
     runner: CommandRunner = field(default_factory=CommandRunner)
     use_jobcomp: bool | None = None  # sacct -c (no slurmdbd); None: try sacct first, then -c
     submit_prefix: tuple[str, ...] = ()  # e.g. ("sudo", "-n", "-u", "${user}"); empty: as the launcher
