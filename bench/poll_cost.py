@@ -22,18 +22,25 @@ scheduler state and reason: one write per new row, a one-off reported apart)
 and then ``--cycles`` measured :meth:`Poller.tick` calls, each timed for:
 
 * scheduler calls: calls of the cluster adapter's command runner, by command;
-  for pyslurm, calls of the pyslurm functions the adapter calls (``Jobs.load``,
-  ``Job.load``, ``Job.cancel``, ``JobSubmitDescription.submit``), each one
-  libslurm RPC, counted by handing the adapter a wrapper of the module;
+  for pyslurm, the requests the adapter sends its pyslurm worker process
+  (``load``, ``submit``, ``cancel``: each one pyslurm call, one libslurm RPC),
+  counted by wrapping the worker client's ``request``;
 * subprocesses: every process any code in this process started during the
   cycle (``subprocess.Popen`` is counted while the cycle runs), which also
-  catches retries and anything outside the runner;
+  catches retries, a restarted pyslurm worker and anything outside the runner;
 * launcher CPU: ``time.process_time()`` around the tick (this process only,
-  all threads; the child ``squeue``'s CPU is not in it, pyslurm's client side is);
+  all threads; the child ``squeue``'s CPU and the pyslurm worker's are not in it);
 * scheduler time: wall time spent inside the runner (``squeue`` itself and the
-  controller answering it) or inside the pyslurm calls, and the children's CPU
-  from ``getrusage(RUSAGE_CHILDREN)`` (none for pyslurm);
+  controller answering it) or waiting for the worker's reply, and the
+  scheduler side's CPU: the children's from ``getrusage(RUSAGE_CHILDREN)``
+  for ``squeue``; for pyslurm the worker's (a child never waited for, so not
+  in getrusage), read from ``/proc/<pid>/task/*/schedstat`` (nanoseconds on
+  the CPU, user and system) before and after the cycle, falling back to
+  ``/proc/<pid>/stat`` utime + stime (clock ticks) where there is no schedstat;
 * wall time of the whole cycle.
+
+pyslurm's CPU per cycle is the launcher's plus the worker's: its target verdict
+is on that sum.
 
 Each table also says how many jobs slurmctld held (every user's, and finished
 ones for MinJobAge, so a run right after another holds that one's too): one
@@ -87,7 +94,8 @@ from typing import Any
 from pvw_hpc import jobs
 from pvw_hpc.batch.base import BatchError
 from pvw_hpc.batch.runner import CommandRunner, Result
-from pvw_hpc.batch.slurm_pyslurm.adapter import SlurmPyslurmAdapter, load_pyslurm
+from pvw_hpc.batch.slurm_pyslurm.adapter import SlurmPyslurmAdapter
+from pvw_hpc.batch.slurm_pyslurm.client import PyslurmWorker, shared_worker
 from pvw_hpc.config import load_dict
 from pvw_hpc.poller import Poller
 from pvw_hpc.service import Service
@@ -234,53 +242,53 @@ class CycleMeter(Meter):
         self.runner.run = counted_run  # type: ignore[method-assign]
 
 
-class CountedPyslurm:
-    """The pyslurm module as the adapter sees it, every function it calls counted (each is one libslurm RPC).
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) process ``pid`` has used so far; None when it is gone.
 
-    pyslurm's classes are Cython extension types whose attributes cannot be replaced, so the
-    adapter is handed this stand-in for the module instead; anything else is the real module's.
+    ``/proc/<pid>/task/*/schedstat`` (nanoseconds, every thread) where the kernel has it, else
+    ``/proc/<pid>/stat`` utime + stime (clock ticks: 10 ms steps).
     """
-
-    def __init__(self, module: Any, meter: Meter) -> None:
-        self._module = module
-        self.RPCError = module.RPCError
-        self.Jobs = _Namespace(load=meter.timed("Jobs.load", module.Jobs.load))
-        cancel = meter.timed("Job.cancel", lambda job_id: module.Job(job_id).cancel())
-        self.Job = _CountedJob(meter.timed("Job.load", module.Job.load), cancel)
-        submit = meter.timed("JobSubmitDescription.submit", lambda fields: module.JobSubmitDescription(**fields).submit())
-        self.JobSubmitDescription = lambda **fields: _Namespace(submit=lambda: submit(fields))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._module, name)
-
-
-class _Namespace:
-    def __init__(self, **attributes: Any) -> None:
-        self.__dict__.update(attributes)
-
-
-class _CountedJob:
-    """``pyslurm.Job``: ``Job.load(id)`` and ``Job(id).cancel()``, counted."""
-
-    def __init__(self, load: Any, cancel: Any) -> None:
-        self.load, self._cancel = load, cancel
-
-    def __call__(self, job_id: int) -> _Namespace:
-        return _Namespace(cancel=lambda: self._cancel(job_id))
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        total_ns = 0
+        for task in tasks:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as fh:
+                total_ns += int(fh.read().split()[0])
+        return total_ns / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @dataclass
 class PyslurmMeter(Meter):
-    """The pyslurm path: every call of a pyslurm function the adapter makes is one scheduler call."""
+    """The pyslurm path: every request the adapter sends its worker is one scheduler call (one pyslurm call)."""
 
     adapter: SlurmPyslurmAdapter = field(default_factory=SlurmPyslurmAdapter)
 
     def install(self) -> None:
+        client = self.adapter.worker
         try:
-            module = load_pyslurm(30.0)  # the import check's child process runs here, before any cycle
+            client.check(30.0)  # the worker starts (and imports pyslurm) here, before any cycle
         except BatchError as exc:
             raise BenchError(f"pyslurm cannot be used here: {exc}") from None
-        self.adapter.bindings = CountedPyslurm(module, self)
+        client.request = self.timed_request(client)  # type: ignore[method-assign]
+
+    def timed_request(self, client: PyslurmWorker) -> Any:
+        original = client.request
+
+        def counted(op: str, timeout_s: float, **args: Any) -> Any:
+            return self.timed(op, original)(op, timeout_s, **args)
+        return counted
+
+    def worker_cpu_s(self) -> float | None:
+        pid = self.adapter.worker.pid
+        return None if pid is None else process_cpu_s(pid)
 
 
 @dataclass
@@ -303,6 +311,7 @@ def measure_tick(poller: Poller, meter: Meter) -> Cycle:
     """Run one :meth:`Poller.tick` and meter it."""
     meter.reset()
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    worker_before = meter.worker_cpu_s() if isinstance(meter, PyslurmMeter) else None
     with meter.counting_subprocesses():
         cpu0, wall0 = time.process_time(), time.perf_counter()
         poller.tick()
@@ -310,6 +319,11 @@ def measure_tick(poller: Poller, meter: Meter) -> Cycle:
     children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     child_cpu = max(0.0, children_after.ru_utime + children_after.ru_stime  # no -0.00 from float sums
                     - children_before.ru_utime - children_before.ru_stime)
+    if isinstance(meter, PyslurmMeter):  # the worker is a child nobody waits for: its CPU from /proc
+        worker_after = meter.worker_cpu_s()
+        if worker_before is None or worker_after is None:  # the worker was restarted during the cycle
+            raise BenchError("the pyslurm worker changed during a cycle: its CPU cannot be measured")
+        child_cpu = max(0.0, worker_after - worker_before)
     return Cycle(calls=dict(meter.calls), subprocesses=meter.spawned, cpu_ms=(cpu1 - cpu0) * 1000,
                  wall_ms=(wall1 - wall0) * 1000, scheduler_ms=meter.scheduler_s * 1000,
                  scheduler_cpu_ms=child_cpu * 1000)
@@ -390,6 +404,7 @@ def summarize(n: int, first: Cycle, cycles: Sequence[Cycle]) -> dict[str, Any]:
         "wall_ms": round(statistics.median(c.wall_ms for c in cycles), 2),
         "scheduler_ms": round(statistics.median(c.scheduler_ms for c in cycles), 2),
         "scheduler_cpu_ms": round(statistics.median(c.scheduler_cpu_ms for c in cycles), 2),
+        "cpu_with_scheduler_ms": round(statistics.median(c.cpu_ms + c.scheduler_cpu_ms for c in cycles), 2),
         "samples_cpu_ms": [round(c.cpu_ms, 2) for c in cycles],
         "first_cycle": {"calls": first.total_calls, "subprocesses": first.subprocesses,
                         "cpu_ms": round(first.cpu_ms, 2), "wall_ms": round(first.wall_ms, 2)},
@@ -407,7 +422,9 @@ def report(rows: list[dict[str, Any]], submit_s: float, jobs_submitted: int, cyc
     """Print one access mode's table and its verdicts; return its JSON summary."""
     calls_ok = all(r["max_calls_per_cycle"] == TARGET_CALLS for r in rows)
     at_target = [r for r in rows if r["n"] == TARGET_CPU_AT]
-    cpu_ok = at_target[0]["cpu_ms"] <= TARGET_CPU_MS if at_target else None
+    # pyslurm's libslurm side runs in the worker: its CPU counts with the launcher's (squeue's does not)
+    judged = "cpu_ms" if access == "cli" else "cpu_with_scheduler_ms"
+    cpu_ok = at_target[0][judged] <= TARGET_CPU_MS if at_target else None
     title = "poll cost" if access == "cli" else f"poll cost, access {access}"
     print(f"{title}: {cycles} measured cycles per N (after 1 warm-up cycle), held SLURM jobs, "
           f"partition {PARTITION}; {jobs_submitted} jobs submitted in {submit_s:.1f} s")
@@ -425,10 +442,11 @@ def report(rows: list[dict[str, Any]], submit_s: float, jobs_submitted: int, cyc
               "scheduler commands (not in CPU)")
         print_calls = "commands"
     else:
-        print("  calls: pyslurm calls (each one libslurm RPC) per cycle (median); procs: every subprocess started")
-        print("  CPU: launcher process CPU (process_time) per cycle, pyslurm's client side included; sched ms: wall "
-              "time inside pyslurm (in CPU); sched CPU: child processes (none)")
-        print_calls = "pyslurm calls"
+        print("  calls: requests to the pyslurm worker (each one pyslurm call, one libslurm RPC) per cycle (median); "
+              "procs: every subprocess started")
+        print("  CPU: launcher process CPU (process_time) per cycle, the worker's not included; sched ms: wall time "
+              "waiting for the worker's reply; sched CPU: the worker's CPU (/proc schedstat)")
+        print_calls = "worker requests"
     for r in rows:
         print(f"  N={r['n']}: {print_calls} over the measured cycles: {r['calls_by_command']}"
               f"; slurmctld held {r['controller_jobs']} jobs")
@@ -436,8 +454,9 @@ def report(rows: list[dict[str, Any]], submit_s: float, jobs_submitted: int, cyc
     if cpu_ok is None:
         print(f"target <= {TARGET_CPU_MS:.0f} ms CPU per cycle at N={TARGET_CPU_AT}: not measured (N not in --sizes)")
     else:
-        print(f"target <= {TARGET_CPU_MS:.0f} ms CPU per cycle at N={TARGET_CPU_AT}: "
-              f"{'met' if cpu_ok else 'NOT met'} ({at_target[0]['cpu_ms']:.2f} ms)")
+        whose = "" if access == "cli" else " (launcher + worker)"
+        print(f"target <= {TARGET_CPU_MS:.0f} ms CPU per cycle at N={TARGET_CPU_AT}{whose}: "
+              f"{'met' if cpu_ok else 'NOT met'} ({at_target[0][judged]:.2f} ms)")
     return {"access": access, "sizes": rows, "submit_s": round(submit_s, 2), "target_calls": TARGET_CALLS,
             "target_cpu_ms": TARGET_CPU_MS, "calls_target_met": calls_ok, "cpu_target_met": cpu_ok}
 
@@ -446,14 +465,15 @@ def side_by_side(results: dict[str, list[dict[str, Any]]]) -> None:
     """Both access modes' medians per cycle in one table, by N."""
     cli, native = results["cli"], results["pyslurm"]
     print("\nside by side, median per cycle: cli runs squeue in a child (its CPU in +squeue, not in CPU); "
-          "pyslurm calls libslurm in this process (in CPU)")
+          "pyslurm asks its worker process (its CPU in +worker, not in CPU; = the sum)")
     print(f"{'':>6} | {'cli':<39}| pyslurm")
     print(f"{'N':>6} |{'calls':>6}{'procs':>6}{'CPU ms':>8}{'+squeue':>9}{'wall ms':>9} |"
-          f"{'calls':>6}{'procs':>6}{'CPU ms':>8}{'wall ms':>9}")
+          f"{'calls':>6}{'procs':>6}{'CPU ms':>8}{'+worker':>9}{'= ms':>8}{'wall ms':>9}")
     for c, p in zip(cli, native, strict=True):
         print(f"{c['n']:>6} |{c['calls_per_cycle']:>6g}{c['subprocesses_per_cycle']:>6g}{c['cpu_ms']:>8.2f}"
               f"{c['scheduler_cpu_ms']:>9.2f}{c['wall_ms']:>9.2f} |{p['calls_per_cycle']:>6g}"
-              f"{p['subprocesses_per_cycle']:>6g}{p['cpu_ms']:>8.2f}{p['wall_ms']:>9.2f}")
+              f"{p['subprocesses_per_cycle']:>6g}{p['cpu_ms']:>8.2f}{p['scheduler_cpu_ms']:>9.2f}"
+              f"{p['cpu_with_scheduler_ms']:>8.2f}{p['wall_ms']:>9.2f}")
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -496,7 +516,7 @@ def run(args: argparse.Namespace) -> None:
     accesses = list(ACCESS_MODES) if args.access == "both" else [args.access]
     if args.access == "both":
         try:
-            load_pyslurm(30.0)
+            shared_worker().check(30.0)  # the worker every pyslurm adapter of this process uses
         except BatchError as exc:  # asked for by default: measure the command-line path alone
             print(f"access pyslurm: not measured ({exc})")
             accesses.remove("pyslurm")
@@ -525,11 +545,19 @@ def run(args: argparse.Namespace) -> None:
             if args.json:
                 print(json.dumps(summaries if len(summaries) > 1 else summaries[accesses[0]], indent=2))
             while services:  # before the temp dir (their SQLite files) goes
-                services.pop().close()
+                close_service(services.pop())
     finally:
         for service in services:
             with contextlib.suppress(Exception):
-                service.close()
+                close_service(service)
+
+
+def close_service(service: Service) -> None:
+    """The service (its store), then its pyslurm worker: the service does not close adapters."""
+    service.close()
+    for adapter in service.adapters.values():
+        if isinstance(adapter, SlurmPyslurmAdapter):
+            adapter.close()
 
 
 def measure_access(service: Service, access: str, job_ids: Sequence[str],

@@ -1,19 +1,23 @@
 """The pyslurm adapter: its pure parts against a fake ``pyslurm``, then the real thing on the local SLURM.
 
 The fake (``FakePyslurm``) is a fast seam beside the real tests, not instead of them: it
-has only the names the adapter calls (``Jobs.load``, ``Job(id).cancel``,
-``JobSubmitDescription(**fields).submit``, ``RPCError``) and job attributes named as in
-pyslurm 22.5's ``pyslurm/core/job/job.pyx``, so it pins down the state mapping, the
-``#SBATCH`` translation, one call per poll and what an ``RPCError`` means, in milliseconds
+has only the names the worker calls (``Jobs.load``, ``Job(id).cancel``,
+``JobSubmitDescription(**fields).submit``, ``RPCError``, ``version``, ``slurm_api_version``)
+and job attributes named as in pyslurm 22.5's ``pyslurm/core/job/job.pyx``. The adapter gets a
+``PyslurmWorker.in_process(fake)``: the worker's own request handler in this process, every
+request and reply through JSON as over the worker's pipe. So it pins down the state mapping,
+the ``#SBATCH`` translation, one call per poll and what an ``RPCError`` means, in milliseconds
 and without a controller. The tests marked ``pyslurm`` then submit, poll, find and cancel
-real jobs through the real pyslurm, and meet a controller that does not answer in a child
-process whose slurm.conf points at a closed port (the shared slurmctld is never stopped).
+real jobs through the real pyslurm in a real worker process, and meet a controller that does
+not answer through a worker whose slurm.conf points at a closed port (the shared slurmctld is
+never stopped), while a thread of this process keeps ticking.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -21,7 +25,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +34,11 @@ import pytest
 from pvw_hpc import jobs
 from pvw_hpc.batch import adapter_class, make_adapter
 from pvw_hpc.batch.base import BatchError, JobId, JobScript, JobState, Presence
-from pvw_hpc.batch.slurm_pyslurm import adapter as pyslurm_adapter
 from pvw_hpc.batch.slurm_pyslurm.adapter import SlurmPyslurmAdapter, job_fields, job_info
+from pvw_hpc.batch.slurm_pyslurm.client import WORKER_PATH, PyslurmWorker
+from pvw_hpc.batch.slurm_pyslurm.worker import Worker, job_record
 from pvw_hpc.clusters import ClusterConfig, check_clusters
-from tests.conftest import wait_for
+from tests.conftest import pid_alive, wait_for
 from tests.support.schedulers import BACKENDS
 
 SESSION = "0b7e7f0e-2a53-4c55-9d0e-3f3c2b1a9e11"
@@ -75,6 +79,7 @@ class FakePyslurm:
 
     def __init__(self, *jobs: FakeJob) -> None:
         self.jobs = {job.id: job for job in jobs}
+        self.api = (22, 5, 8)  # slurm_api_version(): what the worker's first reply says
         self.calls: Counter[str] = Counter()
         self.down: Exception | None = None
         self.submitted: list[dict[str, Any]] = []
@@ -113,6 +118,12 @@ class FakePyslurm:
 
         self.Jobs, self.Job, self.JobSubmitDescription = Jobs, Job, JobSubmitDescription
 
+    def version(self) -> str:
+        return "22.5.3"
+
+    def slurm_api_version(self) -> tuple[int, int, int]:
+        return self.api
+
     def _call(self, name: str) -> None:
         self.calls[name] += 1
         if self.down is not None:
@@ -121,7 +132,12 @@ class FakePyslurm:
 
 def adapter_with(*jobs: FakeJob) -> tuple[SlurmPyslurmAdapter, FakePyslurm]:
     fake = FakePyslurm(*jobs)
-    return SlurmPyslurmAdapter(bindings=fake), fake
+    return SlurmPyslurmAdapter(client=PyslurmWorker.in_process(fake)), fake
+
+
+def info(job: FakeJob) -> Any:
+    """``job`` as the worker sends it (its attributes, read once), read by the adapter."""
+    return job_info(job_record(job))
 
 
 def cluster(tmp_path: Path, **overrides: Any) -> ClusterConfig:
@@ -166,23 +182,37 @@ def rendered(config: ClusterConfig, **env: str) -> JobScript:
     ("SOMETHING_NEW", None, JobState.UNKNOWN),
 ])
 def test_pyslurms_state_words_map_like_squeues(word: str, reason: str | None, state: JobState) -> None:
-    info = job_info(FakeJob(7, state=word, state_reason=reason))
-    assert (info.presence, info.state, info.native_state) == (Presence.FOUND, state, word)
+    read = info(FakeJob(7, state=word, state_reason=reason))
+    assert (read.presence, read.state, read.native_state) == (Presence.FOUND, state, word)
 
 
 def test_a_job_record_reads_node_exit_code_reason_name_and_workdir() -> None:
-    ended = job_info(FakeJob(8, name="pvw-x", state="FAILED", state_reason="NonZeroExitCode", batch_host="vm",
+    ended = info(FakeJob(8, name="pvw-x", state="FAILED", state_reason="NonZeroExitCode", batch_host="vm",
                              allocated_nodes="vm,vm2", exit_code=3, working_directory="/jobs/x"))
     assert (ended.node, ended.exit_code, ended.reason, ended.name, ended.workdir) == \
         ("vm", 3, "NonZeroExitCode", "pvw-x", "/jobs/x")
-    killed = job_info(FakeJob(9, state="CANCELLED", allocated_nodes="n[1-2]", exit_code=0, exit_code_signal=15))
+    killed = info(FakeJob(9, state="CANCELLED", allocated_nodes="n[1-2]", exit_code=0, exit_code_signal=15))
     assert (killed.node, killed.exit_code) == ("n[1-2]", 143)  # 128 + SIGTERM, as the CLI adapter reads it
-    running = job_info(FakeJob(10, state="RUNNING", state_reason="None", batch_host="vm", exit_code=0))
+    running = info(FakeJob(10, state="RUNNING", state_reason="None", batch_host="vm", exit_code=0))
     assert (running.reason, running.exit_code) == (None, None)  # no exit code before the end
-    queued = job_info(FakeJob(11, state="PENDING", start_time=1_800_000_000))
+    queued = info(FakeJob(11, state="PENDING", start_time=1_800_000_000))
     assert queued.node is None and queued.start_estimate is not None
     assert queued.start_estimate.timestamp() == 1_800_000_000
-    assert job_info(FakeJob(12, state="RUNNING", start_time=1_800_000_000)).start_estimate is None
+    assert info(FakeJob(12, state="RUNNING", start_time=1_800_000_000)).start_estimate is None
+
+
+def test_the_worker_reads_each_attribute_job_info_needs_and_sends_plain_values() -> None:
+    class Counted(FakeJob):
+        reads: Counter[str] = Counter()
+
+        def __getattribute__(self, name: str) -> Any:
+            if not name.startswith("_") and name != "reads":
+                Counted.reads[name] += 1
+            return super().__getattribute__(name)
+
+    record = job_record(Counted(7, name="pvw-x", state="RUNNING", start_time=5))
+    assert json.loads(json.dumps(record)) == record  # JSON carries it as it is
+    assert set(record) == set(Counted.reads) and set(Counted.reads.values()) == {1}  # each read once
 
 
 # -- poll, history, find_named -----------------------------------------------------------------------
@@ -347,6 +377,10 @@ def test_cancel_is_one_call_as_the_launcher_and_refuses_what_is_not_a_job_id() -
     with pytest.raises(BatchError, match="Unable to contact") as failed:
         adapter.cancel(JobId("42"))
     assert failed.value.unreachable
+    fake.down = OSError("something pyslurm did not expect")  # not an RPCError: still a BatchError, not an outage
+    with pytest.raises(BatchError, match="cancel of job 42 failed: OSError: something") as failed:
+        adapter.cancel(JobId("42"))
+    assert not failed.value.unreachable
 
 
 # -- one call at a time, and a missing pyslurm ------------------------------------------------------
@@ -378,29 +412,41 @@ def test_calls_from_many_threads_reach_libslurm_one_at_a_time() -> None:
     assert most == 1 and fake.calls["Jobs.load"] == 12
 
 
-_find_spec = pyslurm_adapter.importlib.util.find_spec
+def test_without_pyslurm_polls_fail_and_submits_are_refused_saying_how_to_install(tmp_path: Path) -> None:
+    """A real worker on a Python that cannot import pyslurm (``-S``: no site-packages; the worker needs none)."""
+    client = PyslurmWorker(command=[sys.executable, "-S", WORKER_PATH])
+    adapter = SlurmPyslurmAdapter(client=client, command_timeout_s=30)
+    try:
+        infos = adapter.poll([JobId("1")])
+        assert infos[JobId("1")].presence == Presence.QUERY_FAILED
+        reason = infos[JobId("1")].reason or ""
+        assert "not installed" in reason and "scripts/install-pyslurm" in reason
+        with pytest.raises(BatchError, match=r"\[pyslurm\]") as refused:
+            adapter.submit(rendered(cluster(tmp_path)))
+        assert not refused.value.unreachable  # a launcher problem, not a scheduler outage
+        assert (client.start_attempts, client.starts) == (1, 0)  # remembered: not one worker per call
+    finally:
+        client.close()
 
 
-@pytest.fixture
-def no_pyslurm(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """This process as if pyslurm were not installed (and never imported)."""
-    monkeypatch.setattr(pyslurm_adapter, "_loaded", None)
-    monkeypatch.setattr(pyslurm_adapter, "_load_failed", None)
-    monkeypatch.delitem(sys.modules, "pyslurm", raising=False)
-    monkeypatch.setattr(pyslurm_adapter.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "pyslurm" else _find_spec(name, *a))
-    yield
+def test_a_pyslurm_for_another_slurm_is_refused_once_and_remembered() -> None:
+    adapter, fake = adapter_with(FakeJob(1))
+    fake.api = (23, 2, 0)
+    for _ in range(3):
+        infos = adapter.poll([JobId("1")])
+        assert "built for another Slurm" in (infos[JobId("1")].reason or "")
+    assert adapter.worker.start_attempts == 1 and not fake.calls  # nothing was asked of the controller
 
 
-def test_without_pyslurm_polls_fail_and_submits_are_refused_saying_how_to_install(no_pyslurm: None,
-                                                                                 tmp_path: Path) -> None:
-    adapter = SlurmPyslurmAdapter()
-    infos = adapter.poll([JobId("1")])
-    assert infos[JobId("1")].presence == Presence.QUERY_FAILED
-    assert "not installed" in (infos[JobId("1")].reason or "") and "scripts/install-pyslurm" in (infos[JobId("1")].reason or "")
-    with pytest.raises(BatchError, match=r"\[pyslurm\]") as refused:
-        adapter.submit(rendered(cluster(tmp_path)))
-    assert not refused.value.unreachable  # a launcher problem, not a scheduler outage
+def test_the_worker_answers_what_it_does_not_know_as_data() -> None:
+    handler = Worker(FakePyslurm())
+    assert handler.answer({"id": 3, "op": "rm -rf"})["error"]["kind"] == "request"
+    assert handler.answer({"id": 4, "op": "cancel", "job_id": "42"})["error"]["kind"] == "request"
+    assert handler.answer(["not", "a", "request"]) == {
+        "id": None, "error": {"kind": "request", "text": "not a request this worker knows: ['not', 'a', 'request']"}}
+    assert handler.answer({"id": 5, "op": "cancel", "job_id": 42}) == {"id": 5, "ok": None}
+    assert Worker(None, "pyslurm is not installed").answer({"id": 6, "op": "load"}) == {
+        "id": 6, "error": {"kind": "import", "text": "pyslurm is not installed"}}
 
 
 def test_importing_the_registry_does_not_import_pyslurm() -> None:
@@ -412,7 +458,7 @@ def test_importing_the_registry_does_not_import_pyslurm() -> None:
 def test_a_pyslurm_cluster_comes_from_the_config_and_refuses_run_as_keys(tmp_path: Path) -> None:
     assert adapter_class("slurm", "pyslurm") is SlurmPyslurmAdapter
     made = make_adapter(cluster(tmp_path))
-    assert isinstance(made, SlurmPyslurmAdapter) and made.import_timeout_s == 7.0 and made.bindings is None
+    assert isinstance(made, SlurmPyslurmAdapter) and made.command_timeout_s == 7.0 and made.client is None
     errors: list[str] = []
     check_clusters({"a": {"scheduler": "slurm", "access": "pyslurm", "job_dir": str(tmp_path),
                           "submit_prefix": ["sudo", "-n", "-u", "${user}"]},
@@ -496,56 +542,146 @@ def test_a_refused_submit_is_not_an_outage(live: SlurmPyslurmAdapter, tmp_path: 
     assert not refused.value.unreachable
 
 
-CHILD = """
-import json, sys
-from pathlib import Path
-from pvw_hpc.batch.base import BatchError, JobId, JobScript
-from pvw_hpc.batch.slurm_pyslurm.adapter import SlurmPyslurmAdapter
-adapter = SlurmPyslurmAdapter()
-out = {"poll": {j: i.presence.value for j, i in adapter.poll([JobId("1"), JobId("2")]).items()},
-       "reason": adapter.poll([JobId("1")])[JobId("1")].reason}
-path = Path(sys.argv[1])
-try:
-    adapter.submit(JobScript(text=path.read_text(), name="pvw-down", path=path, workdir=path.parent))
-except BatchError as exc:
-    out["submit"] = {"unreachable": exc.unreachable, "error": str(exc)}
-print(json.dumps(out))
-"""
-
-
-@pytest.mark.pyslurm
-def test_a_controller_that_does_not_answer_is_a_failed_query_and_an_unreachable_submit(live: SlurmPyslurmAdapter,
-                                                                                     tmp_path: Path) -> None:
-    """The real libslurm against a closed port (a copy of slurm.conf): what a stopped slurmctld looks like."""
+def closed_port_conf(folder: Path, message_timeout_s: int) -> Path:
+    """A copy of slurm.conf whose controller port nothing listens on: what a stopped slurmctld looks like."""
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     conf = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")).read_text().splitlines()
     conf = [line for line in conf if not line.startswith(("SlurmctldPort=", "MessageTimeout="))]
-    (tmp_path / "slurm.conf").write_text("\n".join([*conf, f"SlurmctldPort={port}", "MessageTimeout=2", ""]))
-    script = job_script(tmp_path / "down", "pvw-down", "true")
-    started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", CHILD, str(script.path)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "SLURM_CONF": str(tmp_path / "slurm.conf")},
-                          cwd=Path(__file__).resolve().parents[1])
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
-    assert out["poll"] == {"1": "query_failed", "2": "query_failed"}  # never ABSENT: we know nothing
-    assert "Unable to contact slurm controller" in out["reason"]
-    assert out["submit"]["unreachable"] is True and "errno 1800" in out["submit"]["error"]
-    assert time.monotonic() - started < 60  # each call waits MessageTimeout - 1 s, then gives up
+    path = folder / "slurm.conf"
+    path.write_text("\n".join([*conf, f"SlurmctldPort={port}", f"MessageTimeout={message_timeout_s}", ""]))
+    return path
+
+
+class Ticker:
+    """A thread of this process ticking every 50 ms: whether the launcher's threads run while the worker waits."""
+
+    def __init__(self) -> None:
+        self.ticks: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.ticks.append(time.monotonic())
+            time.sleep(0.05)
+
+    def __enter__(self) -> Ticker:
+        self.started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def within(self, seconds: float) -> int:
+        return sum(1 for t in self.ticks if t - self.started < seconds)
+
+
+def worker_with(conf: Path) -> PyslurmWorker:
+    return PyslurmWorker(env={**os.environ, "SLURM_CONF": str(conf)})
 
 
 @pytest.mark.pyslurm
-def test_an_import_that_would_end_the_process_is_tried_in_a_child_first(live: SlurmPyslurmAdapter,
-                                                                          tmp_path: Path) -> None:
-    """libslurm calls fatal() on a slurm.conf it cannot use; the launcher gets a BatchError instead."""
+def test_a_controller_that_does_not_answer_is_a_failed_query_and_an_unreachable_submit(live: SlurmPyslurmAdapter,
+                                                                                     tmp_path: Path) -> None:
+    """The real libslurm against a closed port: it gives up after MessageTimeout - 1 s; this process runs on."""
+    client = worker_with(closed_port_conf(tmp_path, 2))
+    adapter = SlurmPyslurmAdapter(client=client, command_timeout_s=7)
+    try:
+        client.check(30)  # started: what is timed below is the call alone
+        with Ticker() as ticker:
+            infos = adapter.poll([JobId("1"), JobId("2")])
+            took = time.monotonic() - ticker.started
+        assert {j: i.presence for j, i in infos.items()} == {"1": Presence.QUERY_FAILED, "2": Presence.QUERY_FAILED}
+        assert "Unable to contact slurm controller" in (infos[JobId("1")].reason or "")  # libslurm's own answer
+        assert 0.5 < took < 7  # libslurm waited, the deadline did not end it
+        assert ticker.within(1.0) >= 10  # the GIL was the worker's to hold, not this process's
+        with pytest.raises(BatchError) as failed:
+            adapter.submit(job_script(tmp_path / "down", "pvw-down", "true"))
+        assert failed.value.unreachable is True and "errno 1800" in str(failed.value)
+        assert client.starts == 1  # an answer, even "unable to contact", keeps the worker
+    finally:
+        client.close()
+
+
+@pytest.mark.pyslurm
+def test_a_call_past_its_deadline_kills_the_worker_and_this_process_ticks_on(live: SlurmPyslurmAdapter,
+                                                                            tmp_path: Path) -> None:
+    """libslurm would wait 19 s (MessageTimeout 20); the cluster's 3 s deadline stops the worker instead."""
+    client = worker_with(closed_port_conf(tmp_path, 20))
+    adapter = SlurmPyslurmAdapter(client=client, command_timeout_s=3)
+    try:
+        client.check(30)
+        blocked = client.pid
+        assert blocked is not None
+        with Ticker() as ticker:
+            infos = adapter.poll([JobId("1"), JobId("2")])
+            took = time.monotonic() - ticker.started
+        assert {i.presence for i in infos.values()} == {Presence.QUERY_FAILED}
+        assert "did not answer in 3 s" in (infos[JobId("1")].reason or "")
+        assert 3 <= took < 5
+        assert ticker.within(1.0) >= 10 and len(ticker.ticks) >= 40  # 20 a second, all along
+        assert not pid_alive(blocked) and client.pid is None  # killed and reaped
+        started = time.monotonic()
+        with pytest.raises(BatchError, match="did not answer in 3 s") as failed:  # a new worker, as stuck
+            adapter.submit(job_script(tmp_path / "down", "pvw-down", "true"))
+        assert failed.value.unreachable is True and time.monotonic() - started < 5
+        assert client.starts == 2
+    finally:
+        client.close()
+
+
+@pytest.mark.pyslurm
+def test_closing_during_a_blocked_request_ends_it_at_once_without_another_worker(live: SlurmPyslurmAdapter,
+                                                                                tmp_path: Path) -> None:
+    client = worker_with(closed_port_conf(tmp_path, 20))
+    adapter = SlurmPyslurmAdapter(client=client, command_timeout_s=30)
+    client.check(30)
+    worker = client.pid
+    threading.Timer(0.5, client.close).start()  # the owner closes while libslurm waits (19 s)
+    started = time.monotonic()
+    infos = adapter.poll([JobId("1")])
+    assert time.monotonic() - started < 3
+    assert "the worker ended during the request" in (infos[JobId("1")].reason or "")
+    assert (client.start_attempts, client.pid) == (1, None) and worker is not None and not pid_alive(worker)
+
+
+@pytest.mark.pyslurm
+@pytest.mark.parametrize("settled", [True, False], ids=["found-dead", "dying-as-asked"])
+def test_a_worker_killed_between_polls_is_replaced_without_a_failed_poll(live: SlurmPyslurmAdapter,
+                                                                       tmp_path: Path, settled: bool) -> None:
+    """Long dead (the next request sees it ended) or killed just before the request (it ends during it)."""
+    client = PyslurmWorker()
+    adapter = SlurmPyslurmAdapter(client=client, command_timeout_s=30)
+    job_id = adapter.submit(job_script(tmp_path / "held", unique("pvw-pyslurm-restart"), "sleep 60", "--hold"))
+    try:
+        assert adapter.poll([job_id])[job_id].state == JobState.HELD
+        first = client.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        if settled:
+            wait_for(lambda: not pid_alive(first), 5, "the killed worker to be a zombie")
+        again = adapter.poll([job_id])[job_id]
+        assert (again.presence, again.state) == (Presence.FOUND, JobState.HELD)
+        assert client.pid not in (None, first) and client.starts == 2
+        assert not pid_alive(first)
+    finally:
+        adapter.cancel(job_id)
+        client.close()
+    assert client.pid is None
+
+
+@pytest.mark.pyslurm
+def test_an_import_that_ends_the_worker_is_a_batch_error_with_its_last_words(live: SlurmPyslurmAdapter,
+                                                                             tmp_path: Path) -> None:
+    """libslurm calls fatal() on a slurm.conf it cannot use: the worker ends, this process gets a BatchError."""
     (tmp_path / "slurm.conf").write_text("ClusterName=broken\n")  # no SlurmctldHost: fatal at once
-    code = ("from pvw_hpc.batch.base import JobId\n"
-            "from pvw_hpc.batch.slurm_pyslurm.adapter import SlurmPyslurmAdapter\n"
-            "print(SlurmPyslurmAdapter().poll([JobId('1')])[JobId('1')].reason)\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "SLURM_CONF": str(tmp_path / "slurm.conf")},
-                          cwd=Path(__file__).resolve().parents[1])
-    assert done.returncode == 0, done.stderr  # still alive to print the reason
-    assert "import pyslurm failed (exit 1)" in done.stdout and "Unable to process configuration file" in done.stdout
+    client = worker_with(tmp_path / "slurm.conf")
+    adapter = SlurmPyslurmAdapter(client=client, command_timeout_s=30)
+    reason = adapter.poll([JobId("1")])[JobId("1")].reason or ""
+    assert "ended while importing pyslurm (exit 1" in reason and "Unable to process configuration file" in reason
+    assert adapter.poll([JobId("1")])[JobId("1")].reason == reason  # remembered, not tried again at once
+    assert (client.start_attempts, client.starts, client.pid) == (1, 0, None)

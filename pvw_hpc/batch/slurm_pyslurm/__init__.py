@@ -1,1 +1,1 @@
-"""SLURM through pyslurm, libslurm's Python binding, in the launcher's process: ``"access": "pyslurm"``."""
+"""SLURM through pyslurm, libslurm's Python binding, in a worker process of the launcher: ``"access": "pyslurm"``."""

@@ -1,4 +1,4 @@
-"""SLURM through pyslurm 22.5 (libslurm's own RPCs, in the launcher's process): one RPC per poll, no subprocess.
+"""SLURM through pyslurm 22.5 (libslurm's own RPCs, in one worker process per launcher): one RPC per poll.
 
 What pyslurm 22.5.3 (the vendored ``22.5.x`` branch, new API only) does against Slurm 22.05.8,
 read in its source and measured on the cluster of ``schedulers/slurm/up``:
@@ -30,17 +30,31 @@ read in its source and measured on the cluster of ``schedulers/slurm/up``:
 * A controller that does not answer: every call blocks MessageTimeout - 1 s (9 s by default)
   while libslurm retries, then raises ``RPCError`` errno 1800 "Unable to contact slurm
   controller (connect failure)". pyslurm holds the GIL in every libslurm call (its source has no
-  ``nogil``), so for those seconds no other thread of the launcher runs: measured, a thread
-  ticking every 50 ms ticked once during a 1 s call. The CLI path has no such pause (squeue
-  waits in a child process), so a site expecting controller outages is better served by it.
+  ``nogil``): in the launcher's process no other thread would run for those seconds (measured: a
+  thread ticking every 50 ms ticked once during a 1 s call). So every pyslurm call runs in ONE
+  long-lived worker process per launcher (:mod:`.worker`, spoken to by :mod:`.client`), which
+  takes that pause alone. Measured against a closed port (MessageTimeout 20): in the launcher's
+  process a thread ticking every 50 ms ticked twice during the 19 s ``Jobs.load()``; with the
+  worker it ticked 20 times a second, all along, until the 3 s deadline. Each request has the cluster's
+  ``command_timeout_s`` as its deadline; past it the worker is killed (its process group), the
+  poll is QUERY_FAILED for every id and a submit or cancel an ``unreachable`` BatchError (so
+  launches get 503 at once while the poller sees the outage); the next request starts a new
+  worker. A request costs one JSON round trip over a pipe (WORKER_COST_MEASURED); the worker
+  sends only the jobs asked for.
 * ``Job.exit_code`` / ``exit_code_signal`` split the wait status, but an exit status >= 128
   comes back with 128 taken off (exit 137 reads as 9). The poller prefers the job's own
   ``exit_code`` file, which has the app's real code.
 * ``Job(id).cancel()`` sends signal 9, which slurmctld treats as scancel does (SIGTERM,
   KillWait, SIGKILL), and counts an unknown or finished job as done.
 * ``import pyslurm`` runs ``slurm_init()``: when slurm.conf cannot be read, libslurm retries for
-  60 s and then calls ``fatal()``, which exits the whole process (measured). So the first use
-  imports it in a child process, once per launcher process, and only then here.
+  60 s and then calls ``fatal()``, which exits the whole process (measured). It happens in the
+  worker: a worker that ends while importing (or does not answer its first ``version`` request
+  in time, or has pyslurm for another Slurm) is a :class:`BatchError` with its last stderr
+  lines, remembered for a minute (not one process per poll).
+* The worker runs with the launcher's environment, so what pyslurm adds to a job from its own
+  process (the ``SLURM_*`` variables, before the given environment) is what it added in the
+  launcher. It ends with the launcher: on stdin's end, and through ``PR_SET_PDEATHSIG`` in the
+  middle of a call; the adapter's owner may also :meth:`SlurmPyslurmAdapter.close` it.
 
 Jobs run as the launcher's user (no ``submit_prefix``: nothing can run in front of a library
 call). Without slurmdbd there is no history beyond what the controller still holds.
@@ -49,86 +63,23 @@ call). Without slurmdbd there is no history beyond what the controller still hol
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 import os
 import re
 import shlex
 import socket
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..base import BatchError, JobId, JobInfo, JobScript, JobState, Presence, SchedulerTraits, failed_query
 from ..slurm.adapter import SUBMIT_UMASK, _state
+from .client import API_VERSION, INSTALL_HINT, PyslurmWorker, WorkerError, shared_worker
 
-INSTALL_HINT = ("install the '[pyslurm]' extra from the vendored pyslurm: scripts/install-pyslurm "
-                "(pip install --find-links <vendor folder> '.[pyslurm]'; no PyPI release builds against Slurm 22.05)")
-API_VERSION = (22, 5)  # pyslurm must be built for the Slurm it talks to
-LOAD_RETRY_S = 60.0  # after a failed import check, the next one waits this long (not one child per poll)
+__all__ = ["API_VERSION", "INSTALL_HINT", "UNREACHABLE_ERRNOS", "SlurmPyslurmAdapter", "job_fields", "job_info"]
+
 # libslurm's words for "the controller did not answer" (slurm_errno.h): SLURM_COMMUNICATIONS_* 1001-1004,
 # SLURMCTLD_COMMUNICATIONS_* 1800-1803 (what a stopped slurmctld gives), SLURM_PROTOCOL_SOCKET_* 5000-5005
 UNREACHABLE_ERRNOS = frozenset({*range(1001, 1005), *range(1800, 1804), *range(5000, 5006)})
-_PROBE = ("import sys, pyslurm; v = tuple(pyslurm.slurm_api_version()); print(pyslurm.version(), v); "
-          f"sys.exit(0 if v[:2] == {API_VERSION!r} else 3)")
-
-# libslurm keeps per-process state (its config, errno): one pyslurm call at a time, from any adapter or thread
-# (re-entrant: the adapter's methods hold it while load_pyslurm takes it again)
-_LIBSLURM = threading.RLock()
-_loaded: Any = None
-_load_failed: tuple[float, str] | None = None
-
-
-def load_pyslurm(timeout_s: float) -> Any:
-    """``pyslurm``, imported once per process after a child process survived the same import.
-
-    A failure is a :class:`BatchError` saying why (not installed, built for another Slurm,
-    slurm.conf unreadable) and is remembered for ``LOAD_RETRY_S``.
-    """
-    with _LIBSLURM:
-        return _load(timeout_s)
-
-
-def _load(timeout_s: float) -> Any:
-    global _loaded, _load_failed
-    if _loaded is not None:
-        return _loaded
-    if _load_failed is not None and time.monotonic() - _load_failed[0] < LOAD_RETRY_S:
-        raise BatchError(_load_failed[1])
-    why = None if "pyslurm" in sys.modules else _import_check(timeout_s)
-    if why is None:
-        try:
-            import pyslurm  # type: ignore[import-untyped,import-not-found]  # a Cython module without type information
-        except ImportError as exc:
-            why = f"import pyslurm failed: {exc}; {INSTALL_HINT}"
-        else:
-            _loaded, _load_failed = pyslurm, None
-            return pyslurm
-    _load_failed = (time.monotonic(), why)
-    raise BatchError(why)
-
-
-def _import_check(timeout_s: float) -> str | None:
-    """Why ``import pyslurm`` would fail (or end this process), found out in a child; None when it works."""
-    if importlib.util.find_spec("pyslurm") is None:
-        return f"pyslurm is not installed; {INSTALL_HINT}"
-    try:
-        done = subprocess.run([sys.executable, "-c", _PROBE], stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return (f"import pyslurm did not finish in {timeout_s:g} s (libslurm retries for 60 s when it cannot "
-                "read slurm.conf; is SLURM_CONF right?)")
-    except OSError as exc:
-        return f"cannot run {sys.executable} to check pyslurm: {exc}"
-    if done.returncode == 3:
-        return f"pyslurm {done.stdout.strip()} is built for another Slurm; this adapter needs pyslurm 22.5 (Slurm 22.05)"
-    if done.returncode != 0:
-        said = "; ".join(line.strip() for line in done.stderr.strip().splitlines()[-3:]) or "no output"
-        return f"import pyslurm failed (exit {done.returncode}): {said}"
-    return None
 
 
 # -- #SBATCH directives -> JobSubmitDescription attributes ----------------------------------------
@@ -272,41 +223,50 @@ def exit_status(code: int | None, signal: int | None) -> int | None:
     return int(code) if code is not None else None
 
 
-def job_info(job: Any) -> JobInfo:
-    """One ``pyslurm.Job`` as a FOUND :class:`JobInfo`, its state words read with the CLI adapter's table.
-
-    Each attribute is read once: every read is a call into pyslurm (about 0.3 us), for every tracked job.
+def job_info(job: Mapping[str, Any]) -> JobInfo:
+    """One job as the worker's ``load`` sends it (a plain dict of ``pyslurm.Job`` attributes, see
+    :func:`.worker.job_record`) as a FOUND :class:`JobInfo`, its state words read with the CLI adapter's table.
     """
-    native, reason, batch_host, nodes = str(job.state or ""), job.state_reason, job.batch_host, job.allocated_nodes
-    code, signal, start = job.exit_code, job.exit_code_signal, job.start_time
+    native, reason, batch_host, nodes = str(job["state"] or ""), job["state_reason"], job["batch_host"], \
+        job["allocated_nodes"]
+    code, signal, start = job["exit_code"], job["exit_code_signal"], job["start_time"]
     reason_text = None if reason in (None, "", "None") else str(reason)
     state = _state(native, reason_text)
     # batch_host is where the script (so the job side and the app) runs; allocated_nodes may be a range
     node = batch_host or nodes or None
     return JobInfo(
-        job_id=JobId(str(job.id)), presence=Presence.FOUND, state=state, native_state=native or None,
+        job_id=JobId(str(job["id"])), presence=Presence.FOUND, state=state, native_state=native or None,
         node=str(node) if node else None, reason=reason_text,
         exit_code=exit_status(code, signal) if state.is_final else None,
         start_estimate=(dt.datetime.fromtimestamp(start, dt.timezone.utc)
                         if state in (JobState.QUEUED, JobState.HELD) and isinstance(start, int) and start > 0 else None),
-        name=job.name, workdir=job.working_directory,
+        name=job["name"], workdir=job["working_directory"],
         raw={"state": native, "state_reason": reason, "batch_host": batch_host, "allocated_nodes": nodes,
              "exit_code": code, "exit_code_signal": signal, "start_time": start},
     )
 
 
-def _rpc_error(what: str, exc: Exception) -> BatchError:
-    """A pyslurm failure as a BatchError; ``unreachable`` when libslurm says the controller did not answer."""
-    errno = getattr(exc, "errno", None)
-    text = str(exc) or type(exc).__name__
+def _rpc_error(what: str, error: WorkerError) -> BatchError:
+    """The worker's ``rpc`` error as a BatchError; ``unreachable`` when libslurm says the controller did not answer."""
+    errno, text = error.errno, error.text
     unreachable = errno in UNREACHABLE_ERRNOS or "Unable to contact" in text
     return BatchError(f"pyslurm {what} failed: {text}" + (f" (slurm errno {errno})" if errno is not None else ""),
-                      [f"pyslurm {what}"], errno if isinstance(errno, int) else None, text, unreachable=unreachable)
+                      [f"pyslurm {what}"], errno, text, unreachable=unreachable)
+
+
+def _reply_error(what: str, error: WorkerError, refused: str | None = None) -> BatchError:
+    """Any error reply: ``rpc`` as :func:`_rpc_error`; what else pyslurm raised as ``refused`` (or a failure of ``what``)."""
+    if error.kind == "rpc":
+        return _rpc_error(what, error)
+    said = f"{error.type}: {error.text}" if error.type else error.text
+    if error.kind == "value" and refused is not None:
+        return BatchError(f"{refused}: {said}")
+    return BatchError(f"pyslurm {what} failed: {said}", [f"pyslurm {what}"])
 
 
 @dataclass
 class SlurmPyslurmAdapter(SchedulerTraits):
-    """submit / poll / cancel as libslurm RPCs through pyslurm, one at a time per process."""
+    """submit / poll / cancel as libslurm RPCs through pyslurm, in the launcher's pyslurm worker process."""
 
     name: ClassVar[str] = "slurm"  # same scheduler, ids and states as the CLI adapter
     scheduler: ClassVar[str] = "slurm"
@@ -315,18 +275,21 @@ class SlurmPyslurmAdapter(SchedulerTraits):
     takes_submit_prefix: ClassVar[bool] = False  # a library call has no argv to put sudo in front of
     takes_job_user: ClassVar[bool] = False  # jobs run as the launcher's user
 
-    bindings: Any = None  # the pyslurm module; None: imported on first use (the unit tests pass a fake)
-    import_timeout_s: float = 30.0  # for the one-off import check in a child process
+    client: PyslurmWorker | None = None  # None: the process's one worker (shared_worker()); tests pass their own
+    command_timeout_s: float = 30.0  # each request's deadline (the worker is stopped past it); also a start's
 
     @classmethod
     def from_cluster(cls, cluster: Any) -> SlurmPyslurmAdapter:
-        return cls(import_timeout_s=cluster.command_timeout_s)
+        return cls(command_timeout_s=cluster.command_timeout_s)
 
-    def _pyslurm(self) -> Any:
-        """The module; :class:`BatchError` when it cannot be used."""
-        if self.bindings is None:
-            self.bindings = load_pyslurm(self.import_timeout_s)
-        return self.bindings
+    @property
+    def worker(self) -> PyslurmWorker:
+        """The worker this adapter's requests go to."""
+        return self.client if self.client is not None else shared_worker()
+
+    def close(self) -> None:
+        """Stop the worker (the next request starts another); the process's at exit anyway."""
+        self.worker.close()
 
     # -- the adapter interface ---------------------------------------------------------------
 
@@ -338,15 +301,11 @@ class SlurmPyslurmAdapter(SchedulerTraits):
         fields["environment"] = _environment(script)
         fields["script"] = str(script.path)
         fields["script_args"] = [str(script.path)]  # argv[0], as sbatch sends it (scontrol's Command=)
-        with _LIBSLURM:
-            pyslurm = self._pyslurm()
-            try:
-                job_id = pyslurm.JobSubmitDescription(**fields).submit()
-            except pyslurm.RPCError as exc:  # slurmctld refused it, or did not answer
-                raise _rpc_error("submit", exc) from None
-            except Exception as exc:  # pyslurm's own checks of the values (ValueError, TypeError, OSError...)
-                raise BatchError(f"pyslurm refused the job description: {type(exc).__name__}: {exc}") from None
-        if not isinstance(job_id, int) or job_id <= 0:
+        try:
+            job_id = self.worker.request("submit", self.command_timeout_s, fields=fields)
+        except WorkerError as exc:  # slurmctld refused it or did not answer; or pyslurm's own checks of the values
+            raise _reply_error("submit", exc, refused="pyslurm refused the job description") from None
+        if not isinstance(job_id, int) or isinstance(job_id, bool) or job_id <= 0:
             raise BatchError(f"pyslurm submit returned {job_id!r}, not a job id")
         return JobId(str(job_id))
 
@@ -355,7 +314,7 @@ class SlurmPyslurmAdapter(SchedulerTraits):
         if not job_ids:
             return {}
         try:
-            found = self._load({str(j) for j in job_ids})
+            found = self._load(sorted({str(j) for j in job_ids}))
         except BatchError as exc:
             return failed_query(job_ids, str(exc))
         return {j: found.get(JobId(str(j))) or JobInfo(j, Presence.ABSENT) for j in job_ids}
@@ -381,32 +340,30 @@ class SlurmPyslurmAdapter(SchedulerTraits):
         """
         if not str(job_id).isdigit():
             raise BatchError(f"not a Slurm job id: {job_id!r}")
-        with _LIBSLURM:
-            pyslurm = self._pyslurm()
-            try:
-                pyslurm.Job(int(job_id)).cancel()
-            except pyslurm.RPCError as exc:
-                raise _rpc_error(f"cancel of job {job_id}", exc) from None
+        try:
+            self.worker.request("cancel", self.command_timeout_s, job_id=int(job_id))
+        except WorkerError as exc:
+            raise _reply_error(f"cancel of job {job_id}", exc) from None
 
     # -- internals ------------------------------------------------------------------------
 
-    def _load(self, wanted: set[str] | None, prefix: str | None = None) -> dict[JobId, JobInfo]:
-        """One ``Jobs.load()``: the jobs whose ids are ``wanted`` (or whose names start with ``prefix``).
+    def _load(self, wanted: list[str] | None, prefix: str | None = None) -> dict[JobId, JobInfo]:
+        """One ``Jobs.load()`` in the worker: the jobs whose ids are ``wanted`` (or whose names start with ``prefix``).
 
-        Raises :class:`BatchError` for anything that went wrong, so no failure reads as an empty queue.
+        The worker sends only those. Raises :class:`BatchError` for anything that went wrong, so no
+        failure reads as an empty queue.
         """
-        with _LIBSLURM:
-            pyslurm = self._pyslurm()
-            try:
-                jobs = pyslurm.Jobs.load()
-                return {info.job_id: info for info in (
-                    job_info(job) for job in jobs.values()
-                    if (wanted is None or str(job.id) in wanted)
-                    and (prefix is None or str(job.name or "").startswith(prefix)))}
-            except pyslurm.RPCError as exc:
-                raise _rpc_error("Jobs.load", exc) from None
-            except Exception as exc:  # anything else pyslurm raises while reading the answer
-                raise BatchError(f"pyslurm Jobs.load failed: {type(exc).__name__}: {exc}") from None
+        try:
+            records = self.worker.request("load", self.command_timeout_s, ids=wanted, prefix=prefix)
+        except WorkerError as exc:
+            raise _reply_error("Jobs.load", exc) from None
+        if not isinstance(records, list):
+            raise BatchError(f"pyslurm Jobs.load: the worker sent {type(records).__name__}, not a list of jobs")
+        try:
+            return {info.job_id: info for info in map(job_info, records)}
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # a record of another shape
+            raise BatchError(f"pyslurm Jobs.load: a job record the adapter cannot read: {type(exc).__name__}: {exc}") \
+                from None
 
 
 def _environment(script: JobScript) -> dict[str, str]:
