@@ -8,11 +8,12 @@ controller, which every user of the cluster shares) nor a launcher that burns
 a core polling. The issue sets the target "1 scheduler call per cycle at every
 N, and <= 20 ms launcher CPU per cycle at 1000 tracked jobs".
 
-How: a real :class:`pvw_hpc.service.Service` is built in this process on a
-temp config with one SLURM cluster (its SQLite store on disk, as ``serve``
-uses; the map writer and local monitor threads are not started, so the
-process's CPU time is the poller's), one such service per access mode
-(``--access cli|pyslurm|both``, both by default) following the same jobs.
+How: the composition root :class:`pvw_hpc.runtime.Runtime` is built in this
+process on a temp config with one SLURM cluster (its SQLite store on disk, as
+``serve`` uses), constructed but not started: no map writer, local monitor,
+poller or housekeeper thread runs, so the process's CPU time is the cycles'
+(``runtime.poller.tick()`` called here). One such runtime per access mode
+(``--access cli|pyslurm|both``, both by default) follows the same jobs.
 Real held SLURM jobs are submitted (``sbatch -H --wrap 'sleep 1'``: they
 never run, so they stay queued and need no CPUs), and one session row per
 job is written the way ``Service._launch_batch`` writes it (create, job id,
@@ -98,6 +99,7 @@ from pvw_hpc.batch.slurm_pyslurm.adapter import SlurmPyslurmAdapter
 from pvw_hpc.batch.slurm_pyslurm.client import PyslurmWorker, shared_worker
 from pvw_hpc.config import load_dict
 from pvw_hpc.poller import Poller
+from pvw_hpc.runtime import Runtime
 from pvw_hpc.service import Service
 from pvw_hpc.states import SessionState
 from pvw_hpc.substitute import render
@@ -332,8 +334,11 @@ def measure_tick(poller: Poller, meter: Meter) -> Cycle:
 # -- the launcher side -----------------------------------------------------------------------
 
 
-def build_service(root: Path, access: str) -> Service:
-    """A Service on a temp config with one SLURM cluster of ``access`` and the demo app on it (threads not started)."""
+def build_runtime(root: Path, access: str) -> Runtime:
+    """The composition root on a temp config with one SLURM cluster of ``access`` and the demo app on it.
+
+    Constructed, not started: no thread of its own runs; the bench drives ``runtime.poller.tick()``.
+    """
     cluster = CLUSTERS[access]
     raw = {
         "configuration": configuration_section(root, 0, 30),
@@ -346,7 +351,7 @@ def build_service(root: Path, access: str) -> Service:
         },
         "apps": {"demo": batch_demo_app(cluster)},
     }
-    return Service(load_dict(raw, source="bench/poll_cost.py"))
+    return Runtime(load_dict(raw, source="bench/poll_cost.py"))
 
 
 def _sha256(text: str) -> str:
@@ -521,7 +526,7 @@ def run(args: argparse.Namespace) -> None:
             print(f"access pyslurm: not measured ({exc})")
             accesses.remove("pyslurm")
     held = HeldJobs()
-    services: list[Service] = []
+    runtimes: list[Runtime] = []
     try:
         with cleaned_tempdir("pvw-hpc-bench-poll-", held.cancel_all,
                              ignore_during_cleanup=[signal.SIGINT, signal.SIGTERM, signal.SIGHUP]) as root:
@@ -532,9 +537,9 @@ def run(args: argparse.Namespace) -> None:
             for access in accesses:
                 if access != accesses[0]:
                     print()
-                service = build_service(root / access, access)
-                services.append(service)
-                rows, poller = measure_access(service, access, job_ids, args)
+                runtime = build_runtime(root / access, access)
+                runtimes.append(runtime)
+                rows, poller = measure_access(runtime, access, job_ids, args)
                 results[access] = rows
                 summaries[access] = report(rows, submit_s, len(held.ids), args.cycles, access)
                 if args.profile:
@@ -544,25 +549,26 @@ def run(args: argparse.Namespace) -> None:
                 side_by_side(results)
             if args.json:
                 print(json.dumps(summaries if len(summaries) > 1 else summaries[accesses[0]], indent=2))
-            while services:  # before the temp dir (their SQLite files) goes
-                close_service(services.pop())
+            while runtimes:  # before the temp dir (their SQLite files) goes
+                close_runtime(runtimes.pop())
     finally:
-        for service in services:
+        for runtime in runtimes:
             with contextlib.suppress(Exception):
-                close_service(service)
+                close_runtime(runtime)
 
 
-def close_service(service: Service) -> None:
-    """The service (its store), then its pyslurm worker: the service does not close adapters."""
-    service.close()
-    for adapter in service.adapters.values():
+def close_runtime(runtime: Runtime) -> None:
+    """The runtime (service, store, poller), then its pyslurm worker: nothing in the runtime closes adapters."""
+    runtime.close()
+    for adapter in runtime.service.adapters.values():
         if isinstance(adapter, SlurmPyslurmAdapter):
             adapter.close()
 
 
-def measure_access(service: Service, access: str, job_ids: Sequence[str],
+def measure_access(runtime: Runtime, access: str, job_ids: Sequence[str],
                    args: argparse.Namespace) -> tuple[list[dict[str, Any]], Poller]:
-    """Grow the tracked set to each N and meter the poller's cycles; the rows and the poller."""
+    """Grow the tracked set to each N and meter the runtime poller's cycles; the rows and the poller."""
+    service = runtime.service
     cluster = CLUSTERS[access]
     adapter = service.adapters[cluster]
     meter: Meter
@@ -571,7 +577,7 @@ def measure_access(service: Service, access: str, job_ids: Sequence[str],
     else:
         meter = CycleMeter(runner=adapter.runner)  # type: ignore[attr-defined]
     meter.install()
-    poller = Poller(service)
+    poller = runtime.poller
     rows = []
     tracked = 0
     for n in args.sizes:
