@@ -36,7 +36,6 @@ from concurrent.futures import Future
 from typing import Any, Protocol
 
 from ..base import BatchError
-from . import worker as worker_module
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,8 @@ API_VERSION = (22, 5)  # pyslurm must be built for the Slurm it talks to
 START_RETRY_S = 60.0  # after a failed start, the next one waits this long (not one process per poll)
 STDERR_LINES = 20  # the worker's last stderr lines kept for messages
 EXIT_GRACE_S = 1.0  # close(): how long an idle worker gets to end on stdin's end before SIGKILL
-WORKER_PATH = os.path.abspath(worker_module.__file__)
+# run by path, not imported here: ``python -m`` of it then finds no half-imported copy in sys.modules
+WORKER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
 # the pyslurm call each request makes, for messages
 CALLS = {"load": "Jobs.load", "submit": "JobSubmitDescription.submit", "cancel": "Job.cancel", "version": "version"}
 READ_ONLY = frozenset({"load", "version"})  # asked again of a new worker when the old one ended during the request
@@ -228,7 +228,9 @@ class InProcessTransport:
     pid: int | None = None
 
     def __init__(self, module: Any) -> None:
-        self.handler = worker_module.Worker(module)
+        from .worker import Worker
+
+        self.handler = Worker(module)
 
     def exchange(self, request: Mapping[str, Any], deadline: float) -> dict[str, Any]:
         reply = self.handler.answer(json.loads(json.dumps(request)))
