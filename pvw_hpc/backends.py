@@ -348,4 +348,5 @@ class ClusterSessions:
         """The poller follows every cluster's jobs; a cluster has no thread of its own."""
 
     def close(self) -> None:
-        """Nothing of its own to stop."""
+        """Let the adapter release what it holds (the pyslurm worker process); jobs keep running."""
+        self.adapter.close()

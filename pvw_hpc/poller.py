@@ -108,8 +108,8 @@ class Poller:
         intervals = []
         for name, cluster in self.service.config.clusters.items():
             jobs = self.store.tracked(name)
-            if not jobs:
-                if name in self.service.unreachable:  # nothing to poll: ask the queue whether it is back
+            if not any(j.job_id for j in jobs):  # no job to ask about (one may be mid-submit): no evidence either way
+                if name in self.service.unreachable:  # ask the queue whether it is back
                     probe = self.service.adapters[name].poll([JobId("0")])
                     if all(i.presence != Presence.QUERY_FAILED for i in probe.values()):
                         self.service.unreachable.pop(name, None)

@@ -21,7 +21,8 @@ from pvw_hpc.batch import ADAPTERS, adapter_class
 from pvw_hpc.batch.base import BatchAdapter, is_valid_user
 from pvw_hpc.clusters import CLUSTER_KEYS, check_clusters
 
-INTERFACE = ("submit", "poll", "history", "find_named", "cancel", "from_cluster", "check_settings", "check_clusters")
+INTERFACE = ("submit", "poll", "history", "find_named", "cancel", "close", "from_cluster", "check_settings",
+             "check_clusters")
 TRAITS = {"name": str, "scheduler": str, "access": str, "template": str, "submits_description": bool,
           "takes_submit_prefix": bool, "takes_job_user": bool, "takes_commands": bool, "settings_keys": frozenset}
 # the document's ECMA-262 pattern read the way a JSON-schema validator reads it ('$' is the very end)

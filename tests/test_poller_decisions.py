@@ -12,6 +12,7 @@ import shutil
 import socket
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -226,3 +227,23 @@ def test_a_refused_submit_is_not_an_unreachable_scheduler(world: tuple[Service, 
         assert fake.submitted == []
     else:
         assert service.launch({"application": "viz"}, wait=False).status == 202
+
+
+def test_a_session_without_a_job_id_is_no_evidence_the_scheduler_is_back(
+        world: tuple[Service, Poller, ScriptedScheduler]) -> None:
+    """A launch mid-submit (its row has no job id yet) when the poller ticks: polling no ids answers nothing.
+
+    The race was real: a failed submit marks the cluster unreachable and wakes the poller before its
+    session is failed; a tick in between polled an empty set, took the empty answer for the scheduler's
+    and cleared the mark, so the next launch submitted again instead of getting 503 at once.
+    """
+    service, poller, fake = world
+    service.unreachable["fake"] = "Unable to contact slurm controller"
+    service.store.create(id=str(uuid.uuid4()), application="viz", backend="fake", secret="s", argv=["app"],
+                         session_url="ws://x", public={}, log_path=None)
+    fake.script(JobId("0"), QUERY_FAILED)  # the probe the poller sends when it has no job to ask about
+    poller.tick()
+    assert "fake" in service.unreachable and {JobId("0")} in fake.polls
+    fake.script(JobId("0"), ABSENT)  # the scheduler answers again
+    poller.tick()
+    assert "fake" not in service.unreachable

@@ -131,6 +131,9 @@ class SchedulerTraits:
     def check_clusters(clusters: Sequence[Any], error: Report) -> None:
         """Rules across every cluster that uses this adapter (none by default)."""
 
+    def close(self) -> None:
+        """Release what the adapter holds (a worker process, a connection) when the launcher stops; jobs run on."""
+
 
 class BatchAdapter(Protocol):
     """What the poller and the service need from a scheduler (plus the class-level traits above)."""
@@ -178,6 +181,9 @@ class BatchAdapter(Protocol):
         ``user``: the job's owner, for adapters that submit through a ``submit_prefix``
         (the cancel goes through the same prefix); others accept and ignore it.
         """
+
+    def close(self) -> None:
+        """See :class:`SchedulerTraits` (nothing by default)."""
 
 
 def failed_query(job_ids: Collection[JobId], why: str) -> dict[JobId, JobInfo]:

@@ -44,6 +44,7 @@ class ScriptedScheduler:
     polls: list[set[JobId]] = field(default_factory=list)
     refuse_submit: str | None = None  # sbatch's words for a refusal (a bad partition, say)
     unreachable: bool = False  # with refuse_submit: the adapter's verdict that the scheduler does not answer
+    closed: bool = False
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1000))
 
     def script(self, job_id: JobId, *answers: JobInfo) -> None:
@@ -76,3 +77,6 @@ class ScriptedScheduler:
 
     def cancel(self, job_id: JobId, user: str | None = None) -> None:
         self.cancelled.append(job_id)
+
+    def close(self) -> None:
+        self.closed = True

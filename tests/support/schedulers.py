@@ -85,7 +85,7 @@ class Slurm(Backend):
 
 
 class Pyslurm(Slurm):
-    """The same local SLURM reached through pyslurm in the launcher's process; watched and cancelled with the CLI."""
+    """The same local SLURM reached through pyslurm (its worker process); watched and cancelled with the CLI."""
 
     def _why_not(self) -> str | None:
         reason = super()._why_not()
