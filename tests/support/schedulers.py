@@ -84,8 +84,25 @@ class Slurm(Backend):
         _run(["scancel", job_id]).check_returncode()
 
 
+def pyslurm_vendored() -> bool:
+    """Whether scripts/install-pyslurm has something to install from (the folders it looks in)."""
+    candidates = [os.environ.get("PVW_PYSLURM_VENDOR"), REPO_ROOT.parent / "shared" / "vendor" / "pyslurm",
+                  "/work/shared/vendor/pyslurm"]
+    return any(c and (Path(c) / "SHA256SUMS").is_file() for c in candidates)
+
+
 class Pyslurm(Slurm):
     """The same local SLURM reached through pyslurm (its worker process); watched and cancelled with the CLI."""
+
+    def skip_reason(self) -> str | None:
+        """Under CI a failure, as for every scheduler, unless the machine has no vendored pyslurm to install.
+
+        No registry has a pyslurm for Slurm 22.05: where the vendor folder is missing nothing could
+        have installed it, and the tests skip saying so instead of failing the run.
+        """
+        if not pyslurm_vendored() and self._why_not():
+            return "no vendored pyslurm on this machine (scripts/install-pyslurm looks for ../shared/vendor/pyslurm)"
+        return super().skip_reason()
 
     def _why_not(self) -> str | None:
         reason = super()._why_not()
