@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from .mapfile import MapWriter
@@ -57,18 +57,20 @@ class Lifecycle:
         needless fill-in attempt). ``sync_map=False`` only for recovery before anything is
         served, which writes the map once at its end.
         """
-        if to == SessionState.READY and current in (None, *_BEFORE_READY):
-            self.store.transition(session_id, SessionState.STARTING)  # no-op unless it skipped starting
-        if not self.store.transition(session_id, to, **fields):
-            return False
-        self.map.request()
+        routes = _may_change_routes(to, current)
+        with self.map.changing() if routes else nullcontext():  # readers wait for the map from the commit on
+            if to == SessionState.READY and current in (None, *_BEFORE_READY):
+                self.store.transition(session_id, SessionState.STARTING)  # no-op unless it skipped starting
+            if not self.store.transition(session_id, to, **fields):
+                return False
+            self.map.request()
         with self._events_lock:
             event = self._events.get(session_id)
         if event is not None:
             event.set()
         if self.on_moved is not None:
             self.on_moved(session_id, to)
-        if sync_map and _may_change_routes(to, current) and not self.map.sync():
+        if sync_map and routes and not self.map.sync():
             log.error("map file not written in time after session %s became %s", session_id, to.value)
         if stop and to in FINAL_STATES and self.stop_backend is not None:
             self.stop_backend(session_id)

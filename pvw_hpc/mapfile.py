@@ -27,7 +27,8 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .validate import host_port, is_session_id, is_valid_host, is_valid_port
@@ -117,6 +118,7 @@ class MapWriter:
         self._requested = 0
         self._written = 0
         self._failed_gen = 0
+        self._changing = 0  # state changes under way that will request a rewrite (see changing())
         self._stop = False
         self._thread: threading.Thread | None = None
 
@@ -140,10 +142,26 @@ class MapWriter:
             self._cond.notify_all()
             return self._requested
 
-    def pending(self) -> bool:
-        """True while a requested rewrite has not reached the disk yet."""
+    @contextmanager
+    def changing(self) -> Iterator[None]:
+        """Around a state change that may change the routes and requests a rewrite before it ends.
+
+        Between the row's commit and its ``request()`` a reader would otherwise see the new state
+        while nothing is pending yet, and answer it with the old map on disk.
+        """
         with self._cond:
-            return self._thread is not None and self._written < self._requested
+            self._changing += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._changing -= 1
+                self._cond.notify_all()
+
+    def pending(self) -> bool:
+        """True while a requested rewrite has not reached the disk yet, or a state change is about to ask for one."""
+        with self._cond:
+            return self._thread is not None and (self._written < self._requested or self._changing > 0)
 
     def wait_pending(self, timeout_s: float = 10.0) -> bool:
         """Wait for the rewrites already requested, without asking for another (cheap for readers)."""
@@ -151,6 +169,11 @@ class MapWriter:
             return True
         deadline = time.monotonic() + timeout_s
         with self._cond:
+            while self._changing > 0:  # their requests come before they end
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
             target = self._requested
             while self._written < target and self._failed_gen < target:
                 remaining = deadline - time.monotonic()

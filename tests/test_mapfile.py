@@ -120,3 +120,31 @@ def test_writer_coalesces_bursts(tmp_path: Path) -> None:
         writer.stop()
     assert path.read_text() == format_routes(routes)
     assert calls <= 3
+
+
+def test_a_reader_waits_for_a_state_change_that_has_not_asked_for_its_rewrite_yet(tmp_path: Path) -> None:
+    """Between a row's commit and its request a reader saw the new state and nothing pending.
+
+    Seen under load: a session answered "ended" while its route was still in the map. A change
+    under way (``changing()``) is pending, and a reader's wait covers the rewrite it then asks for.
+    """
+    path = tmp_path / "proxy.txt"
+    routes: list = [(sid(), "127.0.0.1", 9001)]
+    writer = MapWriter(path, lambda: list(routes), periodic_s=60)
+    writer.start()
+    try:
+        assert writer.sync()
+        answered: list[str] = []
+        with writer.changing():
+            assert writer.pending()
+            reader = threading.Thread(target=lambda: answered.append(path.read_text() if writer.wait_pending() else "x"))
+            reader.start()
+            time.sleep(0.2)  # the commit: the reader must still be waiting
+            assert answered == []
+            routes.clear()
+            writer.request()
+        reader.join(5)
+        assert answered == [""]  # it read the map written after the change, not the one before
+        assert not writer.pending()
+    finally:
+        writer.stop()

@@ -612,6 +612,7 @@ def test_a_controller_that_does_not_answer_is_a_failed_query_and_an_unreachable_
 
 
 @pytest.mark.pyslurm
+@pytest.mark.slow  # waits out the worker's deadline
 def test_a_call_past_its_deadline_kills_the_worker_and_this_process_ticks_on(live: SlurmPyslurmAdapter,
                                                                             tmp_path: Path) -> None:
     """libslurm would wait 19 s (MessageTimeout 20); the cluster's 3 s deadline stops the worker instead."""

@@ -82,6 +82,7 @@ def test_launcher_killed_while_jobs_queue_and_run_tracks_them_after_restart(laun
         assert live.delete(body["id"]).status_code == 200
 
 
+@pytest.mark.slow  # waits out the worker's 3 s deadline twice
 def test_a_controller_that_does_not_answer_gets_503s_while_the_api_keeps_answering(launcher: LauncherFactory,
                                                                                   tmp_path: Path) -> None:
     """slurm.conf pointing at a closed port, MessageTimeout 20: libslurm would wait 19 s holding the GIL."""
