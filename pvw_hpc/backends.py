@@ -25,7 +25,7 @@ from .batch.runner import CommandFailed
 from .clusters import LOCAL_BACKEND, ClusterConfig
 from .config import AppConfig
 from .errors import BadRequest, Unavailable
-from .local import Relaunch, find_unrecorded
+from .local import Relaunch, find_unrecorded, with_display
 from .policy import sha256
 from .ports import candidates
 from .procs import terminate_group
@@ -101,7 +101,7 @@ class LocalSessions:
         timeout_s = service.config.app_timeout_s(app)
         env = {key: substitute(value, rendered.variables) for key, value in app.env.items()}
         try:
-            self.monitor.spawn(record, argv=list(rendered.argv), env=env, cwd=app.cwd,
+            self.monitor.spawn(record, argv=with_display(app.display, list(rendered.argv)), env=env, cwd=app.cwd,
                                ready_line=app.ready_line, timeout_s=timeout_s,
                                relaunch=functools.partial(self._relaunch, app, payload, secret, requester))
         except OSError as exc:
@@ -159,7 +159,7 @@ class LocalSessions:
             self.service.note_port_retries(session_id, [{"try": attempt, "port": tried[-1], "next_port": port,
                                                          "at": time.time()}])
             env = {key: substitute(value, rendered.variables) for key, value in app.env.items()}
-            return Relaunch(host, port, list(rendered.argv), env, app.cwd)
+            return Relaunch(host, port, with_display(app.display, list(rendered.argv)), env, app.cwd)
         return None
 
     def stop(self, record: SessionRecord) -> None:
@@ -255,7 +255,7 @@ class ClusterSessions:
                 callback_url=service.listening_url if cluster.callback_url == "auto" else cluster.callback_url,
                 # run as the user (or the cluster's job account): the files are theirs
                 owner=requester.user if cluster.submit_prefix else cluster.job_user,
-                idle_timeout_s=app.idle_timeout_s, body=body,
+                idle_timeout_s=app.idle_timeout_s, body=body, display=app.display,
             )
             job_id = self.adapter.submit(job_script)
         except (OSError, BatchError, CommandFailed) as exc:

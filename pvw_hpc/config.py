@@ -41,7 +41,9 @@ STOCK_CONFIGURATION_KEYS = frozenset(
 )
 OUR_CONFIGURATION_KEYS = frozenset({"database", "threads", "auth", "limits", "keep_ended", "pin_cpu", "connections"})
 APP_KEYS = frozenset({"cmd", "ready_line", "timeout", "env", "cwd", "cluster", "resources", "port",
-                      "max_age", "idle_timeout"})
+                      "max_age", "idle_timeout", "display"})
+# apps.<name>.display: "xvfb" starts a private X server for each session (see jobscripts/_common/jobside.py)
+DISPLAYS = ("xvfb",)
 TOP_LEVEL_KEYS = frozenset({"configuration", "apps", "properties", "resources", "sessionData", "clusters"})
 
 # names the launcher sets itself; a client cannot supply them
@@ -115,6 +117,7 @@ class AppConfig:
     port: int | None = None  # pin the app's port on the node (batch apps); default: a free one
     max_age_s: float | None = None  # end a session this long after it started, whatever it does
     idle_timeout_s: float | None = None  # end a ready session after this long without a client connection
+    display: str | None = None  # "xvfb": a private X server per session, started and stopped with the app
 
 
 @dataclass(frozen=True)
@@ -452,6 +455,11 @@ class _Checker:
                     self.error(f"{path}.{key}", "must be a positive number of seconds")
                     value = None
                 lifetimes[key] = float(value) if value is not None else None
+            display = app.get("display")
+            if display is not None and display not in DISPLAYS:
+                self.error(f"{path}.display", "must be \"xvfb\" (a private X server for each session) or absent "
+                                              "(the app's own DISPLAY, or none: EGL/OSMesa builds need none)")
+                display = None
             if bad:
                 continue
             apps[name] = AppConfig(
@@ -460,7 +468,7 @@ class _Checker:
                 env=dict(env), cwd=cwd if isinstance(cwd, str) else None,
                 cluster=cluster if isinstance(cluster, str) else None, resources=resources,
                 port=port if _is_int(port) else None,
-                max_age_s=lifetimes["max_age"], idle_timeout_s=lifetimes["idle_timeout"],
+                max_age_s=lifetimes["max_age"], idle_timeout_s=lifetimes["idle_timeout"], display=display,
             )
         return apps
 

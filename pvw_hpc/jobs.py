@@ -237,6 +237,7 @@ def write_job_files(
     owner: str | None = None,
     idle_timeout_s: float | None = None,
     body: str | None = None,
+    display: str | None = None,
 ) -> JobScript:
     """Create the session's job folder; files holding secrets are 0600 from the start.
 
@@ -256,7 +257,7 @@ def write_job_files(
     spec = {
         "session_id": session_id, "argv": argv, "env": env, "ready_line": ready_line, "port": port, "cwd": cwd,
         "callback_url": callback_url, "node_address": cluster.node_address, "idle_timeout_s": idle_timeout_s,
-        "port_range": list(cluster.port_range),
+        "port_range": list(cluster.port_range), "display": display,
     }
     try:
         _write(files.spec, json.dumps(spec, indent=1), 0o600, ids)

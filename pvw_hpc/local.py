@@ -21,9 +21,11 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+from importlib import resources
 from pathlib import Path
 
 from . import procs, userfiles
@@ -57,6 +59,14 @@ class Relaunch:
 
 # (session id, ports tried so far, this try's number) -> the next start, or None when no port is left
 Relauncher = Callable[[str, list[int], int], "Relaunch | None"]
+
+
+def with_display(display: str | None, argv: list[str]) -> list[str]:
+    """The argv that runs ``argv`` with the app's display: a private Xvfb through the job side's wrapper."""
+    if display != "xvfb":
+        return argv
+    jobside = resources.files("jobscripts").joinpath("_common", "jobside.py")
+    return [sys.executable, str(jobside), "--xvfb", "--", *argv]
 
 
 def log_tail(path: str | None, lines: int = 10) -> str:

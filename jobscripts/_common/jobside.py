@@ -18,10 +18,16 @@ before ready saying its address is in use is started again on another port, at
 most ``PORT_TRIES`` times; each retry is a line in the job log and a marker
 ``PVW-HPC-RETRY <session> <try> <old port> <new port> <unix time>`` the poller
 records (the callback carries the same list).
+
+An app with ``"display": "xvfb"`` gets a private X server: one Xvfb per session,
+started before the app and stopped after it (see :func:`start_xvfb`). The local
+backend runs the same code as a wrapper (``jobside.py --xvfb -- <argv>``).
 """
 
 import json
 import os
+import select
+import shutil
 import signal
 import socket
 import stat
@@ -206,6 +212,107 @@ def watch_idle(proc, port, limit_s, job_dir, out, write_lock):
             return
 
 
+XVFB_SCREEN = "1280x1024x24"
+XVFB_START_S = 20.0
+
+
+def xauthority(path):
+    """A 0600 Xauthority file with one MIT-MAGIC-COOKIE-1 for any display (family FamilyWild, no number)."""
+    def field(data):
+        return len(data).to_bytes(2, "big") + data
+    record = (0xFFFF).to_bytes(2, "big") + field(b"") + field(b"") + field(b"MIT-MAGIC-COOKIE-1") + field(os.urandom(16))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(record)
+
+
+def start_xvfb(folder):
+    """A private Xvfb for one session: (process, DISPLAY, XAUTHORITY); raises OSError when it does not start.
+
+    ``-noreset``: by default Xvfb resets when its last client disconnects and kills a client
+    that is still connecting at that moment; ParaView opens the display, closes it and opens it
+    again at once while it checks its rendering capabilities, and aborted with "bad X server
+    connection" whenever the reset won that race (more often the busier the machine).
+    ``-displayfd``: Xvfb picks a free display and writes its number, then a newline, once it
+    accepts clients; no probe connection is made (a probe's disconnect would itself be the last).
+    ``-auth``: only holders of this session's cookie may connect; ``-nolisten tcp``: no network.
+    """
+    auth = os.path.join(folder, "Xauthority")
+    try:  # a requeued job starts again in the same folder
+        os.unlink(auth)
+    except FileNotFoundError:
+        pass
+    xauthority(auth)
+    errors = open(os.path.join(folder, "xvfb.log"), "wb")
+    read_end, write_end = os.pipe()
+    try:
+        proc = subprocess.Popen(["Xvfb", "-displayfd", str(write_end), "-screen", "0", XVFB_SCREEN, "-nolisten", "tcp",
+                                 "-noreset", "-auth", auth], stdin=subprocess.DEVNULL, stdout=errors, stderr=errors,
+                                pass_fds=(write_end,))
+    finally:
+        os.close(write_end)
+        errors.close()
+    number, deadline = b"", time.monotonic() + XVFB_START_S
+    try:
+        while not number.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([read_end], [], [], left)[0]:
+                proc.kill()
+                raise OSError("Xvfb did not start within %g s" % XVFB_START_S)
+            chunk = os.read(read_end, 16)
+            if not chunk:
+                code = proc.wait()
+                with open(os.path.join(folder, "xvfb.log"), "rb") as fh:
+                    said = fh.read()[-500:].decode("utf-8", "replace").strip()
+                raise OSError("Xvfb exited with %s before it was ready: %s" % (code, said or "no output"))
+            number += chunk
+    finally:
+        os.close(read_end)
+    return proc, ":%d" % int(number), auth
+
+
+def stop_xvfb(proc):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def with_xvfb(argv):
+    """The local backend's wrapper: run ``argv`` with a private Xvfb, stop it after; exit with the app's code."""
+    import tempfile
+    folder = tempfile.mkdtemp(prefix="pvw-xvfb-")
+    try:
+        try:
+            xvfb, display, auth = start_xvfb(folder)
+        except OSError as exc:
+            sys.stderr.write("pvw-hpc: %s\n" % exc)
+            return 1
+        sys.stderr.write("pvw-hpc: private X server %s for this session\n" % display)
+        sys.stderr.flush()
+        try:
+            app = subprocess.Popen(argv, env={**os.environ, "DISPLAY": display, "XAUTHORITY": auth})
+        except OSError as exc:
+            stop_xvfb(xvfb)
+            sys.stderr.write("pvw-hpc: cannot start %s: %s\n" % (argv[0], exc))
+            return 127
+
+        def forward(signum, _frame):
+            if app.poll() is None:
+                app.send_signal(signum)
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, forward)
+        code = app.wait()
+        stop_xvfb(xvfb)
+        return 128 - code if code < 0 else code
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def log_line(out, write_lock, text):
     with write_lock:
         out.write(("pvw-hpc: %s\n" % text).encode())
@@ -232,6 +339,27 @@ def main():
                                                                                   + (EPHEMERAL,)))
     held = []  # the test hook's sockets, kept open until the job ends
     tried, retries = [], []
+    xvfb = None
+    if spec.get("display") == "xvfb":
+        try:
+            xvfb, display, auth = start_xvfb(job_dir)
+        except OSError as exc:
+            log_line(out, write_lock, str(exc))
+            write_atomic(os.path.join(job_dir, "exit_code"), "1\n")
+            return 1
+        log_line(out, write_lock, "private X server %s for this session" % display)
+        spec["env"] = {**spec.get("env", {}), "DISPLAY": display, "XAUTHORITY": auth}
+    try:
+        return run_tries(spec, job_dir, host, port_range, ephemeral, secret, secret_file, token, out, write_lock,
+                         held, tried, retries)
+    finally:
+        if xvfb is not None:
+            stop_xvfb(xvfb)
+
+
+def run_tries(spec, job_dir, host, port_range, ephemeral, secret, secret_file, token, out, write_lock, held, tried,
+              retries):
+    """Start the app, again on another port when its port was taken first; write and return its exit code."""
     for attempt in range(1, PORT_TRIES + 1):
         try:
             port = spec.get("port") or free_port(port_range, ephemeral, avoid=tried)
@@ -343,4 +471,6 @@ def run_app(spec, job_dir, host, port, secret, secret_file, token, out, write_lo
 
 
 if __name__ == "__main__":
+    if sys.argv[1:3] == ["--xvfb", "--"] and len(sys.argv) > 3:
+        sys.exit(with_xvfb(sys.argv[3:]))
     sys.exit(main())
