@@ -152,7 +152,9 @@ def test_check_cli_exit_codes_and_env_variable(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["examples/local/launcher.json", "examples/one-machine/launcher.json",
                                   "examples/two-machines/launcher.json", "examples/many-machines/launcher.json",
                                   "examples/many-machines/launcher-slurm.json", "examples/slurm/launcher.json",
-                                  "examples/pbs/launcher.json", "examples/htcondor/launcher.json"])
+                                  "examples/pbs/launcher.json", "examples/htcondor/launcher.json",
+                                  "examples/paraview/local.json", "examples/paraview/slurm.json",
+                                  "examples/paraview/pbs.json"])
 def test_shipped_examples_pass_check(name: str) -> None:
     config, problems = check_file(REPO / name)
     assert config is not None, [str(p) for p in problems]
@@ -177,3 +179,16 @@ def test_a_zero_walltime_is_no_walltime() -> None:
 
     assert walltime_seconds("0") is None and walltime_seconds("00:00:00") is None and walltime_seconds(0) is None
     assert walltime_seconds("0-1") == 3600 and walltime_seconds(5) == 300
+
+
+def test_the_apache_vhost_serves_the_configured_web_client(tmp_path: Path) -> None:
+    """``configuration.content`` (the Visualizer's dist/) becomes Apache's DocumentRoot, readable, no listing."""
+    from pvw_hpc.apache import vhost
+
+    config, problems = check_file(REPO / "examples/paraview/local.json")
+    assert config is not None, [str(p) for p in problems]
+    text = vhost(config, listen="127.0.0.1:8080")
+    assert "DocumentRoot /opt/pvw-hpc/paraview/visualizer-3.2.0/dist" in text
+    assert "<Directory /opt/pvw-hpc/paraview/visualizer-3.2.0/dist>" in text and "Options -Indexes" in text
+    plain, _ = check_file(REPO / "examples/slurm/launcher.json")
+    assert plain is not None and "DocumentRoot" not in vhost(plain)
