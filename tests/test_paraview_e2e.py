@@ -41,7 +41,8 @@ def _why_not() -> str | None:
     return browser_skip_reason()
 
 
-pytestmark = [pytest.mark.apache, pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))]
+# slow: each case starts pvpython and Chromium and waits for a rendered frame (20-50 s here)
+pytestmark = [pytest.mark.apache, pytest.mark.slow, pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))]
 
 APP: dict[str, Any] = {
     "cmd": ["/usr/bin/pvpython", "-dr", f"{VISUALIZER}/server/pvw-visualizer.py", "--host", "${host}",
