@@ -13,6 +13,7 @@ from tests.support.wslink_client import WslinkClient
 PVW_HPC = str(Path(sys.executable).parent / "pvw-hpc")
 
 
+@pytest.mark.slow  # waits out a max_age
 def test_max_age_ends_the_session_and_list_shows_when(launcher: LauncherFactory) -> None:
     lau = launcher(apps={"short": {**demo_app_config(), "max_age": 3}})
     body = lau.launch("short")
@@ -27,6 +28,7 @@ def test_max_age_ends_the_session_and_list_shows_when(launcher: LauncherFactory)
     wait_for(lambda: lau.pids_of(body["id"]) == [], 10, "the app to be stopped")
 
 
+@pytest.mark.slow  # waits out idle timeouts
 def test_idle_sessions_end_but_connected_ones_stay(launcher: LauncherFactory) -> None:
     lau = launcher(apps={"demo": {**demo_app_config(), "idle_timeout": 3}})
     body = lau.launch("demo")

@@ -256,6 +256,7 @@ def test_walltime_over_the_limit_is_refused_before_any_job_is_submitted(launcher
     assert bad.status_code == 400
 
 
+@pytest.mark.slow  # waits out the job side's idle timeout
 def test_an_idle_batch_session_is_stopped_by_its_job_side(launcher: LauncherFactory) -> None:
     live = launcher(clusters={"slurm": {"scheduler": "slurm", "poll_fast_s": 0.3, "poll_slow_s": 0.5}},
                     apps={"demo": {**DEMO, "idle_timeout": 3}})
