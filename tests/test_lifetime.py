@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import LauncherFactory, demo_app_config, wait_for
 from tests.support.wslink_client import WslinkClient
 
