@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import shlex
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -164,6 +165,27 @@ def parse_sacct(stdout: str, job_ids: Collection[JobId]) -> dict[JobId, JobInfo]
             exit_code=exit_value, raw=line,
         )
     return {j: found.get(j) or JobInfo(j, Presence.ABSENT) for j in job_ids}
+
+
+def directive_tokens(text: str) -> list[str]:
+    """The arguments of the ``#SBATCH`` lines, read where sbatch reads them.
+
+    Only before the first command (blank lines and comments may come between); a line may
+    hold several options; values may be shell-quoted, and ``#`` after whitespace starts a comment.
+    """
+    tokens: list[str] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if number == 1 and stripped.startswith("#!"):
+            continue
+        if line.startswith("#SBATCH"):
+            try:
+                tokens.extend(shlex.split(line[len("#SBATCH"):], comments=True))
+            except ValueError as exc:
+                raise BatchError(f"cannot read directive on line {number}: {line!r}: {exc}") from None
+        elif stripped and not stripped.startswith("#"):
+            break
+    return tokens
 
 
 @dataclass

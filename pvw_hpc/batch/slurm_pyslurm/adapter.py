@@ -71,14 +71,13 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-import shlex
 import socket
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..base import BatchError, JobId, JobInfo, JobScript, JobState, Presence, SchedulerTraits, failed_query
-from ..slurm.adapter import SUBMIT_UMASK, _state
+from ..slurm.adapter import SUBMIT_UMASK, _state, directive_tokens
 from .client import API_VERSION, INSTALL_HINT, PyslurmWorker, WorkerError, shared_worker
 
 __all__ = ["API_VERSION", "INSTALL_HINT", "UNREACHABLE_ERRNOS", "SlurmPyslurmAdapter", "job_fields", "job_info"]
@@ -153,27 +152,6 @@ _FLAGS: dict[str, tuple[str, Any]] = {
 _SHORT = {"J": "job-name", "o": "output", "e": "error", "D": "chdir", "p": "partition", "A": "account", "q": "qos",
           "t": "time", "N": "nodes", "n": "ntasks", "c": "cpus-per-task", "G": "gpus", "C": "constraint",
           "w": "nodelist", "x": "exclude", "L": "licenses", "H": "hold"}
-
-
-def directive_tokens(text: str) -> list[str]:
-    """The arguments of the ``#SBATCH`` lines, read where sbatch reads them.
-
-    Only before the first command (blank lines and comments may come between); a line may
-    hold several options; values may be shell-quoted, and ``#`` after whitespace starts a comment.
-    """
-    tokens: list[str] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        if number == 1 and stripped.startswith("#!"):
-            continue
-        if line.startswith("#SBATCH"):
-            try:
-                tokens.extend(shlex.split(line[len("#SBATCH"):], comments=True))
-            except ValueError as exc:
-                raise BatchError(f"cannot read directive on line {number}: {line!r}: {exc}") from None
-        elif stripped and not stripped.startswith("#"):
-            break
-    return tokens
 
 
 def job_fields(text: str) -> dict[str, Any]:

@@ -40,7 +40,6 @@ import datetime as dt
 import json
 import logging
 import os
-import shlex
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,7 @@ import requests
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_fixed
 
 from ..base import BatchError, JobId, JobInfo, JobScript, JobState, Presence, Report, SchedulerTraits, failed_query
-from ..slurm.adapter import _state, _wait_status
+from ..slurm.adapter import _state, _wait_status, directive_tokens
 from . import settings
 
 log = logging.getLogger(__name__)
@@ -93,18 +92,7 @@ def sbatch_directives(text: str) -> dict[str, Any]:
     earlier one. An option we cannot translate raises :class:`BatchError`, so a
     site's extra directive is never silently dropped.
     """
-    tokens: list[str] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        if number == 1 and stripped.startswith("#!"):
-            continue
-        if line.startswith("#SBATCH"):
-            try:
-                tokens.extend(shlex.split(line[len("#SBATCH"):], comments=True))
-            except ValueError as exc:
-                raise BatchError(f"cannot read directive on line {number}: {line!r}: {exc}") from None
-        elif stripped and not stripped.startswith("#"):
-            break
+    tokens = directive_tokens(text)
     job: dict[str, Any] = {}
     i = 0
     while i < len(tokens):
