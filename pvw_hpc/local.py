@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 
-from . import procs, userfiles
+from . import port_retries, procs, userfiles
 from .loops import BackgroundLoop
 from .states import SessionState
 from .store import SessionRecord, Store
@@ -40,7 +40,7 @@ ALL_CPUS = frozenset(os.sched_getaffinity(0))  # before `serve` may pin itself: 
 FAST_TICK_S = 0.01  # while anything is starting
 SLOW_TICK_S = 0.1  # only ready sessions: an exit is noticed well within 1 s
 LOG_TAIL_BYTES = 4096
-PORT_TRIES = 4  # starts in all: the first and up to three on other ports (port_retries.MAX_TRIES)
+PORT_TRIES = port_retries.MAX_TRIES  # starts in all: the first and up to three on other ports
 IN_USE_WORDS = (b"address already in use", b"eaddrinuse", b"errno 98")  # as the job side reads them
 
 Move = Callable[..., bool]  # Lifecycle.move: the only way a session's state changes
